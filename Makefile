@@ -1,0 +1,36 @@
+# Everyday tasks. `make setup` is what the README's commands run first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup php venv test lint bench clean
+
+setup: php venv
+
+php:
+	@command -v php >/dev/null 2>&1 || { \
+	  echo "installing php-cli from Debian"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq php-cli >/dev/null; }
+
+$(BIN)/shardpool: pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/shardpool
+
+test: setup
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check shardpool tests bench
+	$(BIN)/ruff format --check shardpool tests bench
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/shardpool bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/out
