@@ -1,0 +1,175 @@
+"""A spawned PHP process: its pipes, its STDERR lines and its exit.
+
+The process runs in its own session (so a Ctrl-C at the terminal reaches
+shardpool, which then stops the workers in order). Its exit is seen through
+a pidfd on the event loop: no thread, no SIGCHLD handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+
+from shardpool.errors import AllocateError
+
+log = logging.getLogger("shardpool.worker")
+
+STDERR_TAIL_LINES = 20
+_MAX_LINE = 8192
+
+
+class LineLogger(asyncio.Protocol):
+    """Logs a pipe line by line with the worker's pid, and keeps the last lines."""
+
+    def __init__(self, pid: int, stream: str, tail: collections.deque[str]) -> None:
+        self.pid = pid
+        self.stream = stream
+        self.tail = tail
+        self._partial = b""
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > _MAX_LINE:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self._emit(line)
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        if not line:
+            return
+        self.tail.append(line)
+        log.info("[php %d %s] %s", self.pid, self.stream, line)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._partial:
+            self._emit(self._partial)
+            self._partial = b""
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class PhpProcess:
+    """One child process. ``exited`` resolves to its return code.
+
+    ``stdin`` and ``stdout`` are the raw pipe file objects when spawned with
+    ``pipes=True`` (the frame channel); otherwise STDOUT is logged like STDERR.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.loop = loop
+        self.returncode: int | None = None
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._stderr: LineLogger | None = None
+        self._on_exit: list[Callable[[int], None]] = []
+        self._pidfd = os.pidfd_open(self.pid)
+        loop.add_reader(self._pidfd, self._reap)
+
+    @classmethod
+    async def spawn(
+        cls,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        pipes: bool,
+        cwd: str | None = None,
+    ) -> PhpProcess:
+        loop = asyncio.get_running_loop()
+        try:
+            popen = subprocess.Popen(
+                list(command),
+                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=dict(env),
+                cwd=cwd,
+                start_new_session=True,
+                bufsize=0,
+            )
+        except FileNotFoundError as exc:
+            raise AllocateError(
+                f"cannot start worker: command not found: {command[0]!r} ({exc.strerror})"
+            ) from None
+        except PermissionError as exc:
+            raise AllocateError(
+                f"cannot start worker: {command[0]!r} is not executable ({exc.strerror})"
+            ) from None
+        except OSError as exc:
+            raise AllocateError(f"cannot start worker {list(command)!r}: {exc}") from None
+        proc = cls(popen, loop)
+        assert popen.stderr is not None and popen.stdout is not None
+        _, proto = await loop.connect_read_pipe(
+            lambda: LineLogger(proc.pid, "stderr", proc.stderr_tail), popen.stderr
+        )
+        proc._stderr = proto
+        if not pipes:
+            await loop.connect_read_pipe(
+                lambda: LineLogger(proc.pid, "stdout", proc.stderr_tail), popen.stdout
+            )
+        return proc
+
+    def add_exit_callback(self, callback: Callable[[int], None]) -> None:
+        if self.returncode is not None:
+            self.loop.call_soon(callback, self.returncode)
+        else:
+            self._on_exit.append(callback)
+
+    def _reap(self) -> None:
+        code = self.popen.poll()
+        if code is None:  # spurious wake-up
+            return
+        self.loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self.returncode = code
+        self.exited.set_result(code)
+        for callback in self._on_exit:
+            callback(code)
+        self._on_exit.clear()
+
+    async def stderr_drained(self, timeout: float = 0.5) -> None:
+        """Wait (briefly) until STDERR hit EOF, so its last lines are in the tail."""
+        if self._stderr is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._stderr.closed), timeout)
+            except TimeoutError:
+                pass
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group."""
+        self.signal(signal.SIGKILL)
+
+    def signal(self, signum: int) -> None:
+        if self.returncode is not None:
+            return
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # the group is gone and the pid reused: signal the child only
+            self.popen.send_signal(signum)
+
+    def describe_exit(self) -> str:
+        """'exited with status 3' / 'killed by SIGKILL', plus the last STDERR lines."""
+        code = self.returncode
+        if code is None:
+            what = "is still running"
+        elif code < 0:
+            try:
+                what = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                what = f"was killed by signal {-code}"
+        else:
+            what = f"exited with status {code}"
+        tail = "\n".join(self.stderr_tail)
+        return f"worker pid {self.pid} {what}" + (f"; last STDERR lines:\n{tail}" if tail else "")

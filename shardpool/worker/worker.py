@@ -1,0 +1,597 @@
+"""One PHP worker: its frame channel, its jobs in flight and its state.
+
+The frame channel is the worker's STDIN/STDOUT (pipes) or a socket it
+dialled in on (tcp, unix); either way bytes arrive through
+:class:`FrameProtocol` and frames are matched, in order, to the jobs written.
+Jobs are answered strictly in order, so more than one may be in the pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+
+from shardpool.errors import (
+    AllocateError,
+    EmptyPayloadError,
+    ExecTTLError,
+    ProtocolError,
+    ShardpoolError,
+    SoftJobError,
+    StreamTimeoutError,
+    WorkerCrashedError,
+    WorkerStoppedError,
+)
+from shardpool.payload import Payload
+from shardpool.protocol.decoder import DEFAULT_MAX_PAYLOAD, FrameDecoder, frame_start
+from shardpool.protocol.frame import (
+    CONTROL,
+    ERROR,
+    PING,
+    STOP_COMMAND,
+    STREAM,
+    STREAM_PONG,
+    STREAM_STOP,
+    Frame,
+    encode_control,
+    job_header,
+)
+from shardpool.worker.process import PhpProcess
+from shardpool.worker.state import MARKS, TERMINAL, TRANSITIONS, WorkerState, check_transition
+
+log = logging.getLogger("shardpool.worker")
+
+STOP_REQUEST = b'{"stop":true}'
+_GARBAGE_WINDOW = 0.1  # seconds to keep reading after bytes that are not a frame
+_GARBAGE_MAX = 4096
+_WRITE_JOIN_LIMIT = 16384  # below this, one joined buffer beats writelines
+_STREAM_HIGH_WATER = 64  # chunks queued before reading from the worker pauses
+_END = object()
+
+
+class Job:
+    """One job: its payload, the future its caller awaits and, once written,
+    the worker running it. A pool may queue a Job before any worker is free."""
+
+    __slots__ = (
+        "chunks",
+        "future",
+        "parts",
+        "payload",
+        "started",
+        "stopping",
+        "timer",
+        "ttl",
+        "ttl_seconds",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        payload: Payload,
+        future: asyncio.Future[Payload],
+        chunks: asyncio.Queue[object] | None = None,
+        ttl_seconds: float | None = None,
+    ) -> None:
+        self.payload = payload
+        self.future = future
+        self.chunks = chunks  # stream consumer's queue; None for exec()
+        self.ttl_seconds = ttl_seconds  # exec TTL: the worker is killed past it
+        self.parts: list[Payload] | None = None  # exec() of a streamed reply
+        self.ttl: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the pool's allocate timeout
+        self.worker: Worker | None = None
+        self.stopping = False
+        self.started = False
+
+
+def check_payload(payload: Payload) -> None:
+    if not payload.body and not payload.context:
+        raise EmptyPayloadError("a job needs a body or a context; both are empty")
+
+
+async def stream_chunks(job: Job, stream_timeout: float) -> AsyncIterator[Payload]:
+    """Yield a streaming job's chunks; leaving early cancels the stream (STOP)."""
+    chunks = job.chunks
+    assert chunks is not None
+    finished = False
+    try:
+        while True:
+            worker = job.worker
+            if worker is not None and worker._paused and chunks.qsize() < _STREAM_HIGH_WATER // 2:
+                worker._resume_reading()
+            item = await chunks.get()
+            if item is _END:
+                finished = True
+                return
+            if isinstance(item, BaseException):
+                finished = True
+                raise item
+            assert isinstance(item, Payload)
+            yield item
+    finally:
+        if not finished and job.worker is not None:
+            await job.worker._cancel_stream(job, stream_timeout)
+
+
+class FrameProtocol(asyncio.Protocol):
+    """Feeds the bytes of a pipe or socket to a worker."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def data_received(self, data: bytes) -> None:
+        self.worker.feed(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.channel_lost(exc)
+
+
+def jittered(max_jobs: int) -> int:
+    """RoadRunner spreads max_jobs by 0-15 % so workers do not all restart at once."""
+    return max_jobs + random.randint(0, max_jobs * 15 // 100) if max_jobs > 0 else 0
+
+
+class Worker:
+    """A PHP worker process ready to run jobs (after :meth:`handshake`).
+
+    Create workers through a factory in :mod:`shardpool.ipc`, which spawns the
+    process, connects the frame channel and does the handshake.
+    """
+
+    def __init__(self, process: PhpProcess, relay: str = "pipes", max_jobs: int = 0) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.relay = relay
+        self.state = WorkerState.INACTIVE
+        self.created_at = time.time()
+        self.last_used = time.monotonic()
+        self.jobs_done = 0
+        self.max_jobs = jittered(max_jobs)
+        self.loop = process.loop
+        #: Resolves with the error that ended the worker (or None) once it is gone.
+        self.done: asyncio.Future[ShardpoolError | None] = self.loop.create_future()
+        self._decoder = FrameDecoder()
+        self._pending: collections.deque[Job] = collections.deque()
+        self._transport: asyncio.WriteTransport | None = None
+        self._reader: asyncio.ReadTransport | None = None
+        self._handshake: asyncio.Future[Frame] | None = None
+        self._garbage: bytearray | None = None
+        self._error: ShardpoolError | None = None
+        self._paused = False
+        #: Called (synchronously) each time a job completes, so a pool can
+        #: write the next job before any waiting coroutine runs.
+        self.on_free: Callable[[Worker], None] | None = None
+        #: Set by a pool that is replacing this worker: it gets no new jobs.
+        self.retiring = False
+        process.add_exit_callback(self._process_exited)
+
+    # -- state ---------------------------------------------------------------
+
+    def transition(self, new: WorkerState) -> None:
+        if new is not self.state:
+            check_transition(self.state, new)
+            self.state = new
+
+    def _try_transition(self, new: WorkerState) -> bool:
+        """Change state if the table allows it (for events that may race an ending)."""
+        if new in TRANSITIONS[self.state]:
+            self.state = new
+            return True
+        return False
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs written to this worker and not yet answered."""
+        return len(self._pending)
+
+    @property
+    def alive(self) -> bool:
+        return self._error is None and self.state not in TERMINAL
+
+    @property
+    def error(self) -> ShardpoolError | None:
+        """Why the worker can no longer serve, once it cannot."""
+        return self._error
+
+    def __repr__(self) -> str:
+        return f"<Worker pid={self.pid} {self.state.value} jobs={self.jobs_done}>"
+
+    # -- channel -------------------------------------------------------------
+
+    def attach(self, transport: asyncio.WriteTransport, reader: asyncio.ReadTransport) -> None:
+        self._transport = transport
+        self._reader = reader
+
+    async def handshake(self, timeout: float) -> None:
+        """Send our pid, expect the worker's; fail with the cause within ``timeout``."""
+        self._handshake = self.loop.create_future()
+        self._write(encode_control(json.dumps({"pid": os.getpid()}).encode()))
+        try:
+            async with asyncio.timeout(timeout):
+                frame = await self._handshake
+                pid = parse_pid_reply(frame)
+        except TimeoutError:
+            self.kill()
+            raise self._fail_boot(
+                f"worker pid {self.pid} did not answer the handshake within {timeout:g}s"
+            ) from None
+        except ShardpoolError as exc:
+            if self._error is None:
+                self._finish(exc)
+            self.kill()
+            await self._wait_dead(1.0)
+            raise self._error from None
+        if pid != self.pid and self.relay == "pipes":
+            self.kill()
+            raise self._fail_boot(
+                f"worker handshake reported pid {pid}, but the spawned process is {self.pid}; "
+                "run PHP directly (or exec it from a wrapper script)"
+            )
+        self.transition(WorkerState.READY)
+
+    def adopt(self, decoder: FrameDecoder, frames: list[Frame]) -> None:
+        """Take over a connection's decoder (and any frames after the handshake)."""
+        decoder.max_payload = DEFAULT_MAX_PAYLOAD
+        self._decoder = decoder
+        for frame in frames:
+            self._on_frame(frame)
+
+    def paired(self) -> None:
+        """A socket factory finished the handshake for us."""
+        self.transition(WorkerState.READY)
+
+    def _fail_boot(self, message: str) -> ShardpoolError:
+        error = AllocateError(message)
+        self._finish(error)
+        return error
+
+    def feed(self, data: bytes) -> None:
+        if self._garbage is not None:
+            if len(self._garbage) < _GARBAGE_MAX:
+                self._garbage += data
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError:
+            self._start_garbage()
+            return
+        for frame in frames:
+            self._on_frame(frame)
+
+    def channel_lost(self, exc: Exception | None) -> None:
+        if self._garbage is not None:
+            self._garbage_done()
+            return
+        if self._error is None:
+            # The worker closed its end: it died or is dying. Wait for its exit
+            # status so the error can say how it died.
+            self.loop.call_later(1.0, self._exit_overdue)
+
+    def _exit_overdue(self) -> None:
+        if self.process.returncode is None:
+            self.kill()
+
+    def _process_exited(self, code: int) -> None:
+        self.loop.create_task(self._died())
+
+    async def _died(self) -> None:
+        await self.process.stderr_drained()
+        if self._garbage is not None:
+            self._garbage_done()
+            return
+        if self.state in (WorkerState.STOPPING, WorkerState.STOPPED):
+            self._finish(None)
+        elif self.state is WorkerState.INACTIVE:
+            self._finish(AllocateError(f"worker failed at boot: {self.process.describe_exit()}"))
+        else:
+            self._finish(WorkerCrashedError(self.process.describe_exit()))
+
+    # -- STDOUT garbage --------------------------------------------------------
+
+    def _start_garbage(self) -> None:
+        self._garbage = bytearray(self._decoder.bad_bytes[:_GARBAGE_MAX])
+        self._try_transition(WorkerState.INVALID)
+        self.loop.call_later(_GARBAGE_WINDOW, self._garbage_done)
+
+    def _garbage_done(self) -> None:
+        if self._error is not None or self._garbage is None:
+            return
+        raw = bytes(self._garbage)
+        text = raw[: frame_start(raw)].decode("utf-8", "replace")
+        self._finish(garbage_error(self.pid, self.relay, text))
+        self.kill()
+
+    # -- jobs ----------------------------------------------------------------
+
+    async def exec(self, payload: Payload, timeout: float | None = None) -> Payload:
+        """Run one job; return the reply (a streamed reply comes back joined).
+
+        Raises :class:`SoftJobError` with the worker's text, :class:`ExecTTLError`
+        after ``timeout`` seconds (the worker is killed), :class:`WorkerCrashedError`,
+        :class:`WorkerStoppedError` for a stop request, :class:`ProtocolError`.
+        """
+        job = Job(payload, self.loop.create_future(), None, timeout)
+        self.start(job)
+        return await job.future
+
+    async def stream(
+        self, payload: Payload, timeout: float | None = None, stream_timeout: float = 10.0
+    ) -> AsyncIterator[Payload]:
+        """Yield the chunks of a streamed reply, the last one included.
+
+        Leaving the loop early sends STOP; the worker must end its stream within
+        ``stream_timeout`` or it is killed.
+        """
+        job = Job(payload, self.loop.create_future(), asyncio.Queue(), timeout)
+        self.start(job)
+        async for chunk in stream_chunks(job, stream_timeout):
+            yield chunk
+
+    async def _cancel_stream(self, job: Job, stream_timeout: float) -> None:
+        if job.future.done() or self._error is not None:
+            return
+        job.stopping = True
+        self._resume_reading()
+        self._write(STREAM_STOP)
+        try:
+            async with asyncio.timeout(stream_timeout):
+                await asyncio.shield(job.future)
+        except TimeoutError:
+            log.warning("worker pid %d did not end a cancelled stream in %gs", self.pid, stream_timeout)
+            self._finish_job(
+                job,
+                StreamTimeoutError(
+                    f"worker pid {self.pid} did not end its stream within {stream_timeout:g}s "
+                    "after STOP; it was killed"
+                ),
+            )
+            self.kill()
+        except ShardpoolError:
+            pass
+
+    def start(self, job: Job) -> None:
+        """Write ``job`` to the worker now; its future resolves with the reply."""
+        if self._error is not None:
+            raise type(self._error)(str(self._error))
+        if self.state not in _ACCEPTING:
+            raise WorkerCrashedError(f"worker pid {self.pid} is {self.state.value}; it takes no jobs")
+        payload = job.payload
+        body, context = payload.body, payload.context
+        if not body and not context:
+            raise EmptyPayloadError("a job needs a body or a context; both are empty")
+        job.worker = self
+        if job.ttl_seconds is not None:
+            job.ttl = self.loop.call_later(job.ttl_seconds, self._exec_ttl_reached, job, job.ttl_seconds)
+        if not self._pending and self.state is WorkerState.READY:
+            self.state = WorkerState.WORKING
+        self._pending.append(job)
+        header = job_header(len(context), len(body), payload.codec)
+        assert self._transport is not None
+        if len(body) < _WRITE_JOIN_LIMIT:
+            self._transport.write(header + context + body)
+        else:
+            self._transport.writelines((header, context, body))
+
+    def _on_frame(self, frame: Frame) -> None:
+        if frame.flags & CONTROL:
+            if self._handshake is not None and not self._handshake.done():
+                self._handshake.set_result(frame)
+            else:
+                log.warning("worker pid %d sent an unexpected control frame: %r", self.pid, frame.payload[:200])
+            return
+        if not self._pending:
+            self._protocol_violation(f"sent a reply with no job in flight: {frame.payload[:200]!r}")
+            return
+        job = self._pending[0]
+        job.started = True
+        reply = self._reply(frame)
+        if reply is None:
+            return
+        if frame.stream & STREAM and not isinstance(reply, BaseException):
+            if frame.stream & PING:
+                self._write(STREAM_PONG)
+            self._chunk(job, reply)
+            return
+        self._pending.popleft()
+        self.jobs_done += 1
+        self.last_used = time.monotonic()
+        if not self._pending:
+            if self.state is WorkerState.WORKING:
+                self.state = WorkerState.READY
+            if self.max_jobs and self.jobs_done >= self.max_jobs and self.state is WorkerState.READY:
+                self.state = WorkerState.MAX_JOBS_REACHED
+        if isinstance(reply, WorkerStoppedError):
+            self._try_transition(WorkerState.INVALID)
+        if job.chunks is not None and not isinstance(reply, BaseException):
+            self._chunk(job, reply)
+            reply_or_end: object = _END
+        else:
+            reply_or_end = reply
+        self._finish_job(job, reply_or_end)
+        if self.on_free is not None:
+            self.on_free(self)
+
+    def _reply(self, frame: Frame) -> Payload | ShardpoolError | None:
+        data = frame.payload
+        if frame.flags & ERROR:
+            return SoftJobError(data.decode("utf-8", "replace"))
+        n = frame.options[0] if frame.options else 0
+        if n > len(data):
+            self._protocol_violation(f"reply context length {n} exceeds its payload of {len(data)} bytes")
+            return None
+        if n == 0:
+            return Payload(data, b"", frame.flags)
+        context = data[:n]
+        if n == len(data) and context == STOP_REQUEST:
+            return WorkerStoppedError(f"worker pid {self.pid} asked to be replaced (stop request)")
+        return Payload(data[n:], context, frame.flags)
+
+    def _chunk(self, job: Job, chunk: Payload) -> None:
+        if job.stopping:
+            return  # the consumer left; drain until the stream ends
+        if job.chunks is not None:
+            job.chunks.put_nowait(chunk)
+            if job.chunks.qsize() >= _STREAM_HIGH_WATER and self._reader is not None:
+                self._reader.pause_reading()
+                self._paused = True
+        elif job.parts is None:
+            job.parts = [chunk]
+        else:
+            job.parts.append(chunk)
+
+    def _resume_reading(self) -> None:
+        if self._paused and self._reader is not None:
+            self._paused = False
+            self._reader.resume_reading()
+
+    def _finish_job(self, job: Job, result: object) -> None:
+        if job.ttl is not None:
+            job.ttl.cancel()
+        if job.future.done():
+            return
+        if job.chunks is not None:
+            job.chunks.put_nowait(result)
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+                job.future.exception()  # the stream consumer reports it
+            else:
+                job.future.set_result(Payload())
+            return
+        if isinstance(result, BaseException):
+            job.future.set_exception(result)
+        elif job.parts is not None:
+            assert isinstance(result, Payload)
+            parts = [*job.parts, result]
+            job.future.set_result(Payload(b"".join(p.body for p in parts), parts[0].context, result.codec))
+        else:
+            assert isinstance(result, Payload)
+            job.future.set_result(result)
+
+    def _exec_ttl_reached(self, job: Job, timeout: float) -> None:
+        if job.future.done() or self._error is not None:
+            return
+        self._try_transition(WorkerState.EXEC_TTL_REACHED)
+        self._finish_job(
+            job,
+            ExecTTLError(f"job ran longer than its exec TTL of {timeout:g}s; worker pid {self.pid} was killed"),
+        )
+        self.kill()
+
+    def _protocol_violation(self, what: str) -> None:
+        self._try_transition(WorkerState.INVALID)
+        self._finish(ProtocolError(f"worker pid {self.pid} {what}"))
+        self.kill()
+
+    # -- ending --------------------------------------------------------------
+
+    def _finish(self, error: ShardpoolError | None) -> None:
+        """The worker can serve no more: answer every job in flight, once."""
+        if self._error is not None:
+            return
+        self._error = error or WorkerCrashedError(f"worker pid {self.pid} was stopped")
+        handshake = self._handshake
+        if handshake is not None and not handshake.done():
+            handshake.set_exception(self._error)
+            handshake.exception()
+        first = True
+        while self._pending:
+            job = self._pending.popleft()
+            if first or job.started:
+                exc: ShardpoolError = type(self._error)(str(self._error))
+            else:
+                # Queued behind the failing job: PHP never read it; safe to retry.
+                exc = WorkerCrashedError(f"worker pid {self.pid} died before starting the job")
+                exc.job_started = False
+            first = False
+            self._finish_job(job, exc)
+        self._try_transition(WorkerState.STOPPED if error is None else WorkerState.ERRORED)
+        if self._transport is not None:
+            self._transport.close()
+        if self.process.returncode is not None:
+            self._set_done()
+        else:
+            self.process.add_exit_callback(lambda _code: self._set_done())
+
+    def _set_done(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None if self.state is WorkerState.STOPPED else self._error)
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    async def _wait_dead(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self.process.exited), timeout)
+        except TimeoutError:
+            self.kill()
+            await self.process.exited
+        await self.process.stderr_drained()
+        if not self.done.done():
+            await self.done
+
+    async def stop(self, timeout: float = 60.0) -> None:
+        """Stop gracefully: jobs already written finish, then the worker exits.
+
+        Sends the stop command; kills the worker if it has not exited within
+        ``timeout`` seconds.
+        """
+        if self.process.returncode is None and self._error is None:
+            self.transition(WorkerState.STOPPING)
+            self._write(STOP_COMMAND)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.process.exited), timeout)
+        except TimeoutError:
+            log.warning("worker pid %d did not stop within %gs; killing it", self.pid, timeout)
+            self.kill()
+        await self._wait_dead(5.0)
+
+    def kill(self) -> None:
+        """SIGKILL the worker now; jobs in flight fail with a typed error."""
+        self.process.kill()
+
+    async def destroy(self, timeout: float = 60.0) -> None:
+        """Stop (gracefully, up to ``timeout``) and mark the worker destroyed."""
+        await self.stop(timeout)
+        self.transition(WorkerState.DESTROYED)
+
+    def on_done(self, callback: Callable[[Worker], None]) -> None:
+        self.done.add_done_callback(lambda _f: callback(self))
+
+
+_ACCEPTING = frozenset({WorkerState.READY, WorkerState.WORKING}) | MARKS
+
+
+def parse_pid_reply(frame: Frame) -> int:
+    """The pid in a worker's handshake reply (CONTROL, JSON ``{"pid": N}``)."""
+    if not frame.flags & CONTROL:
+        raise ProtocolError(f"expected a handshake control frame, got flags {frame.flags:#x}")
+    try:
+        pid = json.loads(frame.payload)["pid"]
+    except (ValueError, KeyError, TypeError):
+        raise ProtocolError(f"invalid handshake reply: {frame.payload[:200]!r}") from None
+    if not isinstance(pid, int) or pid <= 0:
+        raise ProtocolError(f"invalid pid in handshake reply: {frame.payload[:200]!r}")
+    return pid
+
+
+def garbage_error(pid: int, relay: str, text: str) -> ShardpoolError:
+    """The error for bytes that are not frames, naming the likely cause."""
+    shown = text.strip()
+    if shown.startswith("Could not open input file"):
+        return AllocateError(f"PHP could not find the worker script: {shown}")
+    where = "STDOUT" if relay == "pipes" else f"its {relay} relay"
+    return ProtocolError(
+        f"worker pid {pid} wrote bytes that are not a goridge frame to {where}: {shown!r}. "
+        "A worker must not print to STDOUT (echo, print, var_dump); log to STDERR instead"
+    )
