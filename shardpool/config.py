@@ -1,0 +1,182 @@
+"""Configuration: msgspec Structs with RoadRunner's pool keys, loaded from YAML.
+
+A RoadRunner user can paste their ``pool:`` section. Durations accept
+RoadRunner's strings (``"60s"``, ``"500ms"``, ``"1m30s"``) and numbers of
+seconds. Unknown keys, wrong types and impossible values are rejected with a
+message naming the key; nothing is silently coerced.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from shardpool.errors import ConfigError
+
+BUNDLED_WORKERS = Path(__file__).resolve().parent.parent / "workers"
+DEFAULT_WORKER = BUNDLED_WORKERS / "echo.php"
+MAX_WORKERS = 1024
+
+
+class Duration(float):
+    """Seconds, parsed from ``"1h2m3s"``, ``"500ms"``, ``"2.5s"`` or a number."""
+
+
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+def parse_duration(value: object) -> Duration:
+    """Parse a Go-style duration or a number of seconds; reject negatives."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise ValueError("expected a duration such as '60s', got an empty string")
+        if text == "0":
+            seconds = 0.0
+        else:
+            pos, seconds = 0, 0.0
+            for match in _PART.finditer(text):
+                if match.start() != pos:
+                    break
+                seconds += float(match.group(1)) * _UNITS[match.group(2)]
+                pos = match.end()
+            if pos != len(text):
+                raise ValueError(f"invalid duration {value!r}: use e.g. '60s', '500ms', '1m30s'")
+    else:
+        raise ValueError(f"expected a duration such as '60s' or a number, got {value!r}")
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative: {value!r}")
+    return Duration(seconds)
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class SupervisorConfig(_Base):
+    """Soft limits checked every ``watch_tick`` (0 disables a limit)."""
+
+    watch_tick: Duration = Duration(1.0)
+    ttl: Duration = Duration(0.0)
+    idle_ttl: Duration = Duration(0.0)
+    exec_ttl: Duration = Duration(0.0)
+    max_worker_memory: NonNegInt = 0  # MB
+
+    def __post_init__(self) -> None:
+        if self.watch_tick <= 0:
+            raise ValueError("supervisor.watch_tick must be greater than 0")
+
+
+class DynamicAllocatorConfig(_Base):
+    """Extra workers spawned when jobs find none free, removed when idle."""
+
+    max_workers: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS)] = 10
+    spawn_rate: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS)] = 1
+    idle_timeout: Duration = Duration(60.0)
+
+
+class PoolConfig(_Base):
+    """The static pool: RoadRunner's ``pool:`` keys plus ``command`` and ``relay``."""
+
+    command: list[str] | str = msgspec.field(default_factory=lambda: ["php", str(DEFAULT_WORKER)])
+    relay: str = "pipes"
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    num_workers: Annotated[int, msgspec.Meta(ge=0, le=MAX_WORKERS)] = 0  # 0: CPU count
+    max_jobs: NonNegInt = 0
+    max_queue_size: NonNegInt = 0  # 0: unbounded
+    allocate_timeout: Duration = Duration(60.0)
+    destroy_timeout: Duration = Duration(60.0)
+    reset_timeout: Duration = Duration(60.0)
+    stream_timeout: Duration = Duration(60.0)
+    debug: bool = False
+    pipeline_depth: Annotated[int, msgspec.Meta(ge=1, le=64)] | Literal["auto"] = 1
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    dynamic_allocator: DynamicAllocatorConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.command, str):
+            self.command = shlex.split(self.command)
+        if not self.command:
+            raise ValueError("command must name the worker to run, e.g. 'php worker.php'")
+        if self.num_workers == 0:
+            self.num_workers = os.cpu_count() or 1
+        if self.relay != "pipes" and not self.relay.startswith(("tcp://", "unix://")):
+            raise ValueError(
+                f"relay must be 'pipes', 'tcp://HOST:PORT' or 'unix:///PATH', got {self.relay!r}"
+            )
+        if self.allocate_timeout <= 0:
+            raise ValueError("allocate_timeout must be greater than 0")
+
+    @property
+    def argv(self) -> list[str]:
+        assert isinstance(self.command, list)
+        return self.command
+
+
+class Config(_Base):
+    """A whole shardpool configuration file."""
+
+    pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is Duration:
+        return parse_duration(obj)
+    raise NotImplementedError(f"cannot read a {type_.__name__}")
+
+
+def convert(data: Any, type_: type[msgspec.Struct], where: str = "config") -> Any:
+    """Build a config Struct from plain data, turning every mistake into ConfigError."""
+    try:
+        return msgspec.convert(data, type_, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid {where}: {_readable(str(exc))}") from None
+
+
+def _readable(message: str) -> str:
+    # msgspec says "... - at `$.pool.num_workers`"; name the key plainly.
+    text, sep, path = message.rpartition(" - at ")
+    if not sep:
+        return message
+    key = path.strip("`").removeprefix("$").lstrip(".") or "(top level)"
+    return f"{key}: {text}"
+
+
+def pool_config(data: dict[str, Any] | None = None, **overrides: Any) -> PoolConfig:
+    """A PoolConfig from a mapping (a YAML ``pool:`` section) and keyword overrides."""
+    merged = dict(data or {})
+    merged.update(overrides)
+    result: PoolConfig = convert(merged, PoolConfig, "pool config")
+    return result
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read a YAML file; a RoadRunner-style ``pool:`` section is the core of it."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    result: Config = convert(data, Config, f"config file {str(path)!r}")
+    return result

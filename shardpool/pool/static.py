@@ -1,0 +1,451 @@
+"""The static pool: RoadRunner's pool semantics on one asyncio (uvloop) loop.
+
+Jobs go straight to an idle worker when there is one; otherwise they wait in
+a bounded queue, and a worker that finishes a job takes the next queued one
+inside the same callback that delivered its reply, so the PHP process is
+never left idle while Python wakes the waiting coroutines.
+
+Error kinds decide a worker's fate in one place (:meth:`Pool._run`): a soft
+error keeps it; a stop request retires it and runs the job again elsewhere;
+a crash replaces it; an exec TTL has already killed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from shardpool.config import PoolConfig, pool_config
+from shardpool.errors import (
+    AllocateError,
+    NoFreeWorkersError,
+    PoolClosedError,
+    QueueFullError,
+    ShardpoolError,
+    WorkerStoppedError,
+)
+from shardpool.ipc import factory_for
+from shardpool.payload import Payload
+from shardpool.pool.allocator import DynamicAllocator
+from shardpool.pool.supervisor import Supervisor, rss_bytes
+from shardpool.worker.state import MARKS, WorkerState
+from shardpool.worker.worker import Job, Worker, check_payload, stream_chunks
+
+log = logging.getLogger("shardpool.pool")
+
+MAX_RETRIES = 10  # a job re-run after stop requests / unstarted failures, at most
+_BACKOFF_START = 0.1
+_BACKOFF_MAX = 5.0
+
+
+class WorkerInfo(msgspec.Struct, frozen=True):
+    """One worker as :meth:`Pool.workers` reports it."""
+
+    pid: int
+    state: str
+    jobs: int
+    in_flight: int
+    created_at: float  # seconds since the epoch
+    memory: int  # resident set size, bytes
+
+
+class Pool:
+    """A static pool of PHP workers.
+
+    >>> async with Pool(pool_config(num_workers=2)) as pool:   # doctest: +SKIP
+    ...     reply = await pool.exec(Payload(b"hello"))
+    """
+
+    def __init__(self, config: PoolConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = pool_config(**overrides)
+        elif overrides:
+            config = pool_config(msgspec.to_builtins(config), **overrides)
+        self.config = config
+        self._factory = factory_for(config.relay)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._workers: list[Worker] = []
+        self._idle: list[Worker] = []  # LIFO: extra workers stay idle and get removed
+        self._queue: collections.deque[Job] = collections.deque()
+        self._target = 0 if config.debug else config.num_workers
+        self._spawning = 0
+        self._spawn_failures = 0
+        self._started = False
+        self._closing = False
+        self._ttl = config.supervisor.exec_ttl or None
+        self._supervisor = Supervisor(self)
+        self._allocator = DynamicAllocator(self, config.dynamic_allocator)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._changed: asyncio.Event | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> Pool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.destroy()
+
+    async def start(self) -> None:
+        """Spawn ``num_workers`` workers in parallel; fail with the cause if one cannot start."""
+        if self._started:
+            raise ShardpoolError("the pool is already started")
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._started = True
+        results = await asyncio.gather(
+            *(self._spawn() for _ in range(self._target)), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.destroy()
+            raise errors[0]
+        self._supervisor.start()
+
+    async def destroy(self) -> None:
+        """Let jobs in flight finish (up to ``destroy_timeout``), then stop every worker.
+
+        Queued jobs and jobs arriving later fail with :class:`PoolClosedError`.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self._supervisor.stop()
+        closed = PoolClosedError("the pool was destroyed before the job started")
+        while self._queue:
+            self._fail(self._queue.popleft(), closed)
+        self._idle.clear()
+        timeout = self.config.destroy_timeout
+        await asyncio.gather(*(w.destroy(timeout) for w in list(self._workers)))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._factory.close()
+
+    # -- jobs ------------------------------------------------------------------
+
+    async def exec(self, payload: Payload | bytes, timeout: float | None = None) -> Payload:
+        """Run one job on a free worker and return its reply.
+
+        ``timeout`` is this job's exec TTL (default: ``supervisor.exec_ttl``):
+        past it the worker is killed and :class:`ExecTTLError` raised. Waiting
+        for a free worker is bounded by ``allocate_timeout``.
+        """
+        if isinstance(payload, bytes):
+            payload = Payload(payload)
+        if self.config.debug:
+            return await self._exec_debug(payload, timeout)
+        for _ in range(MAX_RETRIES):
+            job = Job(payload, self._new_future(), None, timeout or self._ttl)
+            self._submit(job)
+            try:
+                return await job.future
+            except WorkerStoppedError:
+                continue  # the worker asked to be replaced: run the job elsewhere
+            except ShardpoolError as exc:
+                if exc.job_started:
+                    raise
+            except asyncio.CancelledError:
+                self._forget(job)
+                raise
+        raise WorkerStoppedError(f"the job was refused by {MAX_RETRIES} workers in a row")
+
+    async def stream(
+        self, payload: Payload | bytes, timeout: float | None = None
+    ) -> AsyncIterator[Payload]:
+        """Yield the chunks of a streamed reply (the final one included).
+
+        Leaving the loop early sends STOP; the worker goes back to the pool once
+        its stream ends within ``stream_timeout``, else it is killed and replaced.
+        """
+        if isinstance(payload, bytes):
+            payload = Payload(payload)
+        for attempt in range(MAX_RETRIES):
+            job = Job(payload, self._new_future(), asyncio.Queue(), timeout or self._ttl)
+            self._submit(job)
+            yielded = False
+            try:
+                async for chunk in stream_chunks(job, self.config.stream_timeout):
+                    yielded = True
+                    yield chunk
+                return
+            except WorkerStoppedError:
+                if yielded or attempt == MAX_RETRIES - 1:
+                    raise
+            except ShardpoolError as exc:
+                if exc.job_started or yielded:
+                    raise
+            finally:
+                self._forget(job)
+
+    def _new_future(self) -> asyncio.Future[Payload]:
+        if self._loop is None:
+            raise PoolClosedError("the pool is not started: call start() or use 'async with'")
+        return self._loop.create_future()
+
+    def _submit(self, job: Job) -> None:
+        """Start ``job`` on an idle worker, or queue it."""
+        if self._closing:
+            raise PoolClosedError("the pool is closed")
+        check_payload(job.payload)
+        idle = self._idle
+        while idle:
+            worker = idle.pop()
+            if self._usable(worker):
+                worker.start(job)
+                return
+        limit = self.config.max_queue_size
+        if limit and len(self._queue) >= limit:
+            raise QueueFullError(f"{limit} jobs are already waiting for a worker (max_queue_size)")
+        assert self._loop is not None
+        job.timer = self._loop.call_later(self.config.allocate_timeout, self._allocate_expired, job)
+        self._queue.append(job)
+        self._allocator.on_queued()
+
+    def _allocate_expired(self, job: Job) -> None:
+        with contextlib.suppress(ValueError):
+            self._queue.remove(job)
+            self._fail(
+                job,
+                NoFreeWorkersError(
+                    f"no worker became free within {self.config.allocate_timeout:g}s "
+                    "(allocate_timeout)"
+                ),
+            )
+
+    def _forget(self, job: Job) -> None:
+        """The caller left: a job still queued is dropped."""
+        if job.worker is None:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(job)
+            if job.timer is not None:
+                job.timer.cancel()
+
+    @staticmethod
+    def _fail(job: Job, error: ShardpoolError) -> None:
+        if job.timer is not None:
+            job.timer.cancel()
+        if not job.future.done():
+            job.future.set_exception(error)
+        if job.chunks is not None:
+            job.chunks.put_nowait(error)
+
+    def _usable(self, worker: Worker) -> bool:
+        return (
+            not worker.retiring
+            and worker.state is WorkerState.READY
+            and worker.in_flight == 0
+            and worker.error is None
+        )
+
+    def _on_free(self, worker: Worker) -> None:
+        """A worker finished a job: retire it, give it the next job, or idle it."""
+        if worker.in_flight:
+            return
+        if worker.state in MARKS or worker.state is WorkerState.INVALID:
+            self.retire(worker)
+            return
+        if not self._usable(worker):
+            return
+        queue = self._queue
+        while queue:
+            job = queue.popleft()
+            if job.timer is not None:
+                job.timer.cancel()
+            if job.future.done():
+                continue  # the caller gave up
+            worker.start(job)
+            return
+        self._idle.append(worker)
+
+    # -- workers ---------------------------------------------------------------
+
+    async def _spawn(self) -> Worker:
+        self._spawning += 1
+        try:
+            worker = await self._factory.spawn(
+                self.config.argv,
+                timeout=self.config.allocate_timeout,
+                env=self.config.env,
+                max_jobs=self.config.max_jobs,
+            )
+        finally:
+            self._spawning -= 1
+        if self._closing:
+            await worker.destroy(self.config.destroy_timeout)
+            raise PoolClosedError("the pool was destroyed while a worker was starting")
+        worker.on_free = self._on_free
+        worker.on_done(self._on_worker_done)
+        self._workers.append(worker)
+        self._spawn_failures = 0
+        self._on_free(worker)
+        self._notify()
+        return worker
+
+    def _on_worker_done(self, worker: Worker) -> None:
+        with contextlib.suppress(ValueError):
+            self._workers.remove(worker)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+        if not worker.retiring and not self._closing:
+            log.warning("worker pid %d is gone: %s", worker.pid, worker.error)
+        self._notify()
+        self._ensure()
+
+    def _active(self) -> int:
+        return sum(1 for w in self._workers if not w.retiring and w.error is None)
+
+    def _ensure(self) -> None:
+        """Spawn replacements until the pool is back at its target size."""
+        if self._closing or not self._started:
+            return
+        missing = self._target - self._active() - self._spawning
+        for _ in range(missing):
+            self._background(self._replace())
+
+    async def _replace(self) -> None:
+        if self._spawn_failures:
+            delay = min(_BACKOFF_START * 2 ** (self._spawn_failures - 1), _BACKOFF_MAX)
+            self._spawning += 1  # hold the slot during the back-off
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self._spawning -= 1
+        if self._closing or self._target - self._active() - self._spawning <= 0:
+            return
+        try:
+            await self._spawn()
+        except PoolClosedError:
+            return
+        except ShardpoolError as exc:
+            self._spawn_failures += 1
+            log.error("cannot replace a worker (attempt %d): %s", self._spawn_failures, exc)
+            self._ensure()
+
+    def retire(self, worker: Worker, timeout: float | None = None) -> None:
+        """Replace ``worker``: it takes no new jobs, finishes its own, then stops."""
+        if worker.retiring:
+            return
+        worker.retiring = True
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+        self._ensure()
+        self._background(worker.destroy(timeout or self.config.destroy_timeout))
+
+    def _background(self, coro: Any) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def _wait_for(self, condition: Any, timeout: float, what: str) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while not condition():
+                    assert self._changed is not None
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AllocateError(f"{what} did not happen within {timeout:g}s") from None
+
+    async def reset(self) -> None:
+        """Replace every worker gracefully: new ones start, jobs in flight finish
+        (up to ``reset_timeout``), then the old ones stop."""
+        self._check_open()
+        old = [w for w in self._workers if not w.retiring]
+        for worker in old:
+            worker.retiring = True
+            with contextlib.suppress(ValueError):
+                self._idle.remove(worker)
+        self._spawn_failures = 0
+        self._ensure()
+        await asyncio.gather(*(w.destroy(self.config.reset_timeout) for w in old))
+        await self._wait_for(
+            lambda: self._active() >= self._target, self.config.allocate_timeout, "reset"
+        )
+
+    async def add_worker(self) -> None:
+        """Grow the pool by one worker (spawned now)."""
+        self._check_open()
+        self._target += 1
+        try:
+            await self._spawn()
+        except BaseException:
+            self._target -= 1
+            raise
+
+    async def remove_worker(self) -> None:
+        """Shrink the pool by one worker (an idle one if any); never the last one."""
+        self._check_open()
+        if self._target <= 1:
+            raise ShardpoolError("cannot remove the last worker of the pool")
+        self._target -= 1
+        candidates = [w for w in self._workers if not w.retiring]
+        idle = [w for w in candidates if w.in_flight == 0]
+        victim = (idle or candidates or [None])[-1]
+        if victim is not None:
+            victim.retiring = True
+            with contextlib.suppress(ValueError):
+                self._idle.remove(victim)
+            await victim.destroy(self.config.destroy_timeout)
+
+    def _check_open(self) -> None:
+        if self._closing or not self._started:
+            raise PoolClosedError("the pool is not running")
+
+    async def _exec_debug(self, payload: Payload, timeout: float | None) -> Payload:
+        """Debug mode: a fresh worker for every job, stopped afterwards."""
+        if self._closing or not self._started:
+            raise PoolClosedError("the pool is not running")
+        check_payload(payload)
+        worker = await self._factory.spawn(
+            self.config.argv, timeout=self.config.allocate_timeout, env=self.config.env
+        )
+        try:
+            return await worker.exec(payload, timeout or self._ttl)
+        finally:
+            await worker.destroy(self.config.destroy_timeout)
+
+    # -- inspection ------------------------------------------------------------
+
+    def workers(self) -> list[WorkerInfo]:
+        """One record per worker: pid, state, jobs done, created at, resident memory."""
+        return [
+            WorkerInfo(
+                pid=w.pid,
+                state=w.state.value,
+                jobs=w.jobs_done,
+                in_flight=w.in_flight,
+                created_at=w.created_at,
+                memory=rss_bytes(w.pid),
+            )
+            for w in self._workers
+        ]
+
+    @property
+    def queue_size(self) -> int:
+        """Jobs waiting for a free worker."""
+        return len(self._queue)
+
+    @property
+    def size(self) -> int:
+        """Workers serving jobs now (not counting ones being replaced)."""
+        return self._active()
+
+    def _all_workers(self) -> list[Worker]:
+        return list(self._workers)
+
+    def _idle_since(self, worker: Worker) -> float:
+        return time.monotonic() - worker.last_used
