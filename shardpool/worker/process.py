@@ -46,7 +46,7 @@ class LineLogger(asyncio.Protocol):
         line = raw.decode("utf-8", "replace").rstrip("\r")
         if not line:
             return
-        self.tail.append(line)
+        self.tail.append(line if self.stream == "stderr" else f"[{self.stream}] {line}")
         log.info("[php %d %s] %s", self.pid, self.stream, line)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -69,6 +69,7 @@ class PhpProcess:
         self.pid = popen.pid
         self.loop = loop
         self.returncode: int | None = None
+        self.pipes = True  # STDOUT is the frame channel (else it is logged like STDERR)
         self.exited: asyncio.Future[int] = loop.create_future()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._stderr: LineLogger | None = None
@@ -108,6 +109,7 @@ class PhpProcess:
         except OSError as exc:
             raise AllocateError(f"cannot start worker {list(command)!r}: {exc}") from None
         proc = cls(popen, loop)
+        proc.pipes = pipes
         assert popen.stderr is not None and popen.stdout is not None
         _, proto = await loop.connect_read_pipe(
             lambda: LineLogger(proc.pid, "stderr", proc.stderr_tail), popen.stderr
@@ -172,4 +174,6 @@ class PhpProcess:
         else:
             what = f"exited with status {code}"
         tail = "\n".join(self.stderr_tail)
-        return f"worker pid {self.pid} {what}" + (f"; last STDERR lines:\n{tail}" if tail else "")
+        return f"worker pid {self.pid} {what}" + (
+            f"; last {'STDERR' if self.pipes else 'output'} lines:\n{tail}" if tail else ""
+        )

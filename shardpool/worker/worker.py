@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -64,9 +65,9 @@ class Job:
         "future",
         "parts",
         "payload",
+        "queued_at",
         "started",
         "stopping",
-        "timer",
         "ttl",
         "ttl_seconds",
         "worker",
@@ -85,7 +86,7 @@ class Job:
         self.ttl_seconds = ttl_seconds  # exec TTL: the worker is killed past it
         self.parts: list[Payload] | None = None  # exec() of a streamed reply
         self.ttl: asyncio.TimerHandle | None = None
-        self.timer: asyncio.TimerHandle | None = None  # the pool's allocate timeout
+        self.queued_at = 0.0  # loop time the pool queued it, for allocate_timeout
         self.worker: Worker | None = None
         self.stopping = False
         self.started = False
@@ -168,11 +169,16 @@ class Worker:
         self._garbage: bytearray | None = None
         self._error: ShardpoolError | None = None
         self._paused = False
+        self._killed = False
         #: Called (synchronously) each time a job completes, so a pool can
         #: write the next job before any waiting coroutine runs.
         self.on_free: Callable[[Worker], None] | None = None
         #: Set by a pool that is replacing this worker: it gets no new jobs.
         self.retiring = False
+        #: Loop time the job now at the head of the pipe started, and a moving
+        #: average of job service times (for auto pipelining).
+        self.head_since = 0.0
+        self.service_ewma = 0.0
         process.add_exit_callback(self._process_exited)
 
     # -- state ---------------------------------------------------------------
@@ -193,6 +199,11 @@ class Worker:
     def in_flight(self) -> int:
         """Jobs written to this worker and not yet answered."""
         return len(self._pending)
+
+    @property
+    def streaming(self) -> bool:
+        """True while the job at the head of the pipe is a stream."""
+        return bool(self._pending) and self._pending[0].chunks is not None
 
     @property
     def alive(self) -> bool:
@@ -291,6 +302,10 @@ class Worker:
             return
         if self.state in (WorkerState.STOPPING, WorkerState.STOPPED):
             self._finish(None)
+        elif self._killed and self.state is not WorkerState.INACTIVE:
+            # Killed on purpose (exec TTL, stream timeout, stop timeout): jobs
+            # still in flight fail, but the worker did not crash.
+            self._finish(WorkerCrashedError(self.process.describe_exit()), WorkerState.STOPPED)
         elif self.state is WorkerState.INACTIVE:
             self._finish(AllocateError(f"worker failed at boot: {self.process.describe_exit()}"))
         else:
@@ -334,8 +349,10 @@ class Worker:
         """
         job = Job(payload, self.loop.create_future(), asyncio.Queue(), timeout)
         self.start(job)
-        async for chunk in stream_chunks(job, stream_timeout):
-            yield chunk
+        # aclosing: leaving our loop early must cancel the stream before we return.
+        async with contextlib.aclosing(stream_chunks(job, stream_timeout)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def _cancel_stream(self, job: Job, stream_timeout: float) -> None:
         if job.future.done() or self._error is not None:
@@ -372,8 +389,10 @@ class Worker:
         job.worker = self
         if job.ttl_seconds is not None:
             job.ttl = self.loop.call_later(job.ttl_seconds, self._exec_ttl_reached, job, job.ttl_seconds)
-        if not self._pending and self.state is WorkerState.READY:
-            self.state = WorkerState.WORKING
+        if not self._pending:
+            self.head_since = self.loop.time()
+            if self.state is WorkerState.READY:
+                self.state = WorkerState.WORKING
         self._pending.append(job)
         header = job_header(len(context), len(body), payload.codec)
         assert self._transport is not None
@@ -405,6 +424,9 @@ class Worker:
         self._pending.popleft()
         self.jobs_done += 1
         self.last_used = time.monotonic()
+        now = self.loop.time()
+        self.service_ewma += (now - self.head_since - self.service_ewma) * 0.1
+        self.head_since = now
         if not self._pending:
             if self.state is WorkerState.WORKING:
                 self.state = WorkerState.READY
@@ -494,7 +516,7 @@ class Worker:
 
     # -- ending --------------------------------------------------------------
 
-    def _finish(self, error: ShardpoolError | None) -> None:
+    def _finish(self, error: ShardpoolError | None, state: WorkerState | None = None) -> None:
         """The worker can serve no more: answer every job in flight, once."""
         if self._error is not None:
             return
@@ -514,7 +536,9 @@ class Worker:
                 exc.job_started = False
             first = False
             self._finish_job(job, exc)
-        self._try_transition(WorkerState.STOPPED if error is None else WorkerState.ERRORED)
+        if state is None:
+            state = WorkerState.STOPPED if error is None else WorkerState.ERRORED
+        self._try_transition(state)
         if self._transport is not None:
             self._transport.close()
         if self.process.returncode is not None:
@@ -524,7 +548,8 @@ class Worker:
 
     def _set_done(self) -> None:
         if not self.done.done():
-            self.done.set_result(None if self.state is WorkerState.STOPPED else self._error)
+            ended_well = self.state is WorkerState.STOPPED and not self._killed
+            self.done.set_result(None if ended_well else self._error)
 
     def _write(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -558,6 +583,7 @@ class Worker:
 
     def kill(self) -> None:
         """SIGKILL the worker now; jobs in flight fail with a typed error."""
+        self._killed = True
         self.process.kill()
 
     async def destroy(self, timeout: float = 60.0) -> None:
