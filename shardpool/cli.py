@@ -37,7 +37,14 @@ def _size_list(text: str) -> list[int]:
     for part in text.split(","):
         part = part.strip().lower()
         scale = 1
-        for suffix, mult in (("kib", 1024), ("kb", 1024), ("k", 1024), ("mib", 1 << 20), ("m", 1 << 20), ("b", 1)):
+        for suffix, mult in (
+            ("kib", 1024),
+            ("kb", 1024),
+            ("k", 1024),
+            ("mib", 1 << 20),
+            ("m", 1 << 20),
+            ("b", 1),
+        ):
             if part.endswith(suffix):
                 part, scale = part[: -len(suffix)], mult
                 break
@@ -68,18 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure jobs/s and latency on the bundled echo worker",
         description="Run echo jobs through an in-process pool and print jobs/s and latency.",
     )
-    bench.add_argument("--workers", type=_int_list, default=[2], help="workers, e.g. 1,2,4 (default 2)")
     bench.add_argument(
-        "--concurrency", type=_int_list, default=[1, 16, 64], help="jobs in flight (default 1,16,64)"
+        "--workers", type=_int_list, default=[2], help="workers, e.g. 1,2,4 (default 2)"
+    )
+    bench.add_argument(
+        "--concurrency",
+        type=_int_list,
+        default=[1, 16, 64],
+        help="jobs in flight (default 1,16,64)",
     )
     bench.add_argument("--size", type=_size_list, default=[16], help="body bytes, e.g. 16,1k,64k")
     bench.add_argument("--duration", type=_positive_float, default=2.0, help="seconds per run")
-    bench.add_argument("--worker", default=str(DEFAULT_WORKER), help="PHP worker script (must echo)")
+    bench.add_argument(
+        "--worker", default=str(DEFAULT_WORKER), help="PHP worker script (must echo)"
+    )
     bench.add_argument("--quick", action="store_true", help="one short run per configuration")
     return parser
 
 
-async def _bench_one(pool: Pool, concurrency: int, size: int, duration: float) -> tuple[int, float, list[float]]:
+async def _bench_one(
+    pool: Pool, concurrency: int, size: int, duration: float
+) -> tuple[int, float, list[float]]:
     payload = Payload(b"x" * size)
     latencies: list[float] = []
     deadline = time.perf_counter() + duration

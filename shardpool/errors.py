@@ -6,10 +6,10 @@ message that names the cause and, where it helps, the fix.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Stable error codes, one per error class; never renumber or rename."""
 
     INTERNAL = "internal"

@@ -28,7 +28,9 @@ class Factory(Protocol):
     async def close(self) -> None: ...
 
 
-def worker_env(relay: str, env: Mapping[str, str] | None, mode: str = DEFAULT_MODE) -> dict[str, str]:
+def worker_env(
+    relay: str, env: Mapping[str, str] | None, mode: str = DEFAULT_MODE
+) -> dict[str, str]:
     """The environment a RoadRunner-style PHP worker reads: RR_RELAY and RR_MODE."""
     merged = dict(os.environ)
     if env:

@@ -133,7 +133,7 @@ class SocketFactory:
         self.pending[process.pid] = pending
         try:
             async with asyncio.timeout(timeout):
-                done, _ = await asyncio.wait(
+                await asyncio.wait(
                     (pending.connected, process.exited), return_when=asyncio.FIRST_COMPLETED
                 )
         except TimeoutError:
@@ -161,5 +161,3 @@ class SocketFactory:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._unix_path)
             self._unix_path = None
-
-

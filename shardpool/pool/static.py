@@ -40,6 +40,9 @@ from shardpool.worker.worker import Job, Worker, check_payload, stream_chunks
 
 log = logging.getLogger("shardpool.pool")
 
+AUTO_MAX_DEPTH = 4  # pipeline_depth: auto writes up to this many jobs into one pipe
+AUTO_SLOW_FACTOR = 4.0  # ... but none behind a job running 4x longer than usual
+AUTO_SLOW_MIN = 0.0002  # seconds; below this, timer noise dominates
 MAX_RETRIES = 10  # a job re-run after stop requests / unstarted failures, at most
 _BACKOFF_START = 0.1
 _BACKOFF_MAX = 5.0
@@ -80,10 +83,13 @@ class Pool:
         self._started = False
         self._closing = False
         self._ttl = config.supervisor.exec_ttl or None
+        self._auto = config.pipeline_depth == "auto"
+        self._depth: int = AUTO_MAX_DEPTH if self._auto else int(config.pipeline_depth)
         self._supervisor = Supervisor(self)
         self._allocator = DynamicAllocator(self, config.dynamic_allocator)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed: asyncio.Event | None = None
+        self._expiry: asyncio.TimerHandle | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -119,6 +125,9 @@ class Pool:
             return
         self._closing = True
         self._supervisor.stop()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         closed = PoolClosedError("the pool was destroyed before the job started")
         while self._queue:
             self._fail(self._queue.popleft(), closed)
@@ -202,37 +211,54 @@ class Pool:
             if self._usable(worker):
                 worker.start(job)
                 return
+        if self._depth > 1:
+            busy = self._least_loaded()
+            if busy is not None:
+                busy.start(job)
+                return
         limit = self.config.max_queue_size
         if limit and len(self._queue) >= limit:
             raise QueueFullError(f"{limit} jobs are already waiting for a worker (max_queue_size)")
         assert self._loop is not None
-        job.timer = self._loop.call_later(self.config.allocate_timeout, self._allocate_expired, job)
+        # The queue is FIFO, so one timer for its oldest job bounds every wait
+        # (a timer per job would cost more than the rest of the queueing).
+        job.queued_at = self._loop.time()
         self._queue.append(job)
+        if self._expiry is None:
+            self._arm_expiry()
         self._allocator.on_queued()
 
-    def _allocate_expired(self, job: Job) -> None:
-        with contextlib.suppress(ValueError):
-            self._queue.remove(job)
+    def _arm_expiry(self) -> None:
+        assert self._loop is not None
+        if self._queue:
+            deadline = self._queue[0].queued_at + self.config.allocate_timeout
+            self._expiry = self._loop.call_at(deadline, self._expire_queue)
+        else:
+            self._expiry = None
+
+    def _expire_queue(self) -> None:
+        """Fail the jobs that waited ``allocate_timeout`` for a worker."""
+        assert self._loop is not None
+        limit = self._loop.time() - self.config.allocate_timeout
+        queue = self._queue
+        while queue and queue[0].queued_at <= limit:
             self._fail(
-                job,
+                queue.popleft(),
                 NoFreeWorkersError(
                     f"no worker became free within {self.config.allocate_timeout:g}s "
                     "(allocate_timeout)"
                 ),
             )
+        self._arm_expiry()
 
     def _forget(self, job: Job) -> None:
         """The caller left: a job still queued is dropped."""
         if job.worker is None:
             with contextlib.suppress(ValueError):
                 self._queue.remove(job)
-            if job.timer is not None:
-                job.timer.cancel()
 
     @staticmethod
     def _fail(job: Job, error: ShardpoolError) -> None:
-        if job.timer is not None:
-            job.timer.cancel()
         if not job.future.done():
             job.future.set_exception(error)
         if job.chunks is not None:
@@ -246,25 +272,64 @@ class Pool:
             and worker.error is None
         )
 
+    def _least_loaded(self) -> Worker | None:
+        """Pipelining: the busy worker with the fewest jobs in its pipe, if any has room.
+
+        With ``auto`` depth a worker whose current job has run much longer than
+        jobs usually take gets nothing more: that job is probably slow, and a
+        job written behind it would wait for it (head-of-line blocking).
+        """
+        best, best_n = None, self._depth
+        slow = self._slow_after() if self._auto else 0.0
+        now = self._loop.time() if self._auto else 0.0  # type: ignore[union-attr]
+        for worker in self._workers:
+            n = worker.in_flight
+            if n < best_n and self._pipelinable(worker):
+                if slow and now - worker.head_since > slow:
+                    continue
+                best, best_n = worker, n
+        return best
+
+    def _pipelinable(self, worker: Worker) -> bool:
+        if worker.retiring or worker.error is not None or worker.streaming:
+            return False
+        if worker.state is not WorkerState.WORKING and worker.state is not WorkerState.READY:
+            return False
+        # Never write more jobs than max_jobs leaves: the worker retires after them.
+        return not (worker.max_jobs and worker.jobs_done + worker.in_flight >= worker.max_jobs)
+
+    def _slow_after(self) -> float:
+        """auto depth: a job running longer than this is treated as slow."""
+        return max(AUTO_SLOW_FACTOR * self._service_ewma(), AUTO_SLOW_MIN)
+
+    def _service_ewma(self) -> float:
+        workers = self._workers
+        return sum(w.service_ewma for w in workers) / len(workers) if workers else 0.0
+
     def _on_free(self, worker: Worker) -> None:
-        """A worker finished a job: retire it, give it the next job, or idle it."""
-        if worker.in_flight:
-            return
+        """A worker finished a job: retire it, give it the next job(s), or idle it."""
+        n = worker.in_flight
         if worker.state in MARKS or worker.state is WorkerState.INVALID:
-            self.retire(worker)
+            if not n:
+                self.retire(worker)
             return
-        if not self._usable(worker):
+        if n:
+            if self._depth == 1 or not self._queue or not self._pipelinable(worker):
+                return
+        elif not self._usable(worker):
             return
         queue = self._queue
-        while queue:
+        room = self._depth - n
+        while queue and room:
             job = queue.popleft()
-            if job.timer is not None:
-                job.timer.cancel()
             if job.future.done():
                 continue  # the caller gave up
             worker.start(job)
-            return
-        self._idle.append(worker)
+            room -= 1
+            if self._depth > 1 and not self._pipelinable(worker):
+                break
+        if not worker.in_flight:
+            self._idle.append(worker)
 
     # -- workers ---------------------------------------------------------------
 
@@ -394,8 +459,8 @@ class Pool:
         self._target -= 1
         candidates = [w for w in self._workers if not w.retiring]
         idle = [w for w in candidates if w.in_flight == 0]
-        victim = (idle or candidates or [None])[-1]
-        if victim is not None:
+        if idle or candidates:
+            victim = (idle or candidates)[-1]
             victim.retiring = True
             with contextlib.suppress(ValueError):
                 self._idle.remove(victim)

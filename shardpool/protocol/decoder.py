@@ -15,6 +15,8 @@ from shardpool.errors import ProtocolError
 from shardpool.protocol.frame import HEADER_SIZE, MAX_OPTIONS, VERSION, Frame
 
 _HEADER = struct.Struct("<BBIIBB")
+_U32 = struct.Struct("<I")
+_JOB_B0 = (VERSION << 4) | 4
 _MAX_HL = 3 + MAX_OPTIONS
 DEFAULT_MAX_PAYLOAD = 0xFFFFFFFF
 
@@ -43,6 +45,18 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         buf = self._buf
         if not buf:
+            # Fast path: exactly one job-shaped frame (one option word), the
+            # common case for replies read one at a time.
+            if len(data) >= 16 and data[0] == _JOB_B0:
+                _, flags, size, crc, stream, _ = _HEADER.unpack_from(data)
+                if (
+                    size + 16 == len(data)
+                    and zlib.crc32(data[:6]) == crc
+                    and size <= self.max_payload
+                ):
+                    return [
+                        Frame(flags, bytes(data[16:]), (_U32.unpack_from(data, 12)[0],), stream)
+                    ]
             frames, used = self._parse(data)
             if used < len(data):
                 buf += memoryview(data)[used:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -142,10 +143,8 @@ class PhpProcess:
     async def stderr_drained(self, timeout: float = 0.5) -> None:
         """Wait (briefly) until STDERR hit EOF, so its last lines are in the tail."""
         if self._stderr is not None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._stderr.closed), timeout)
-            except TimeoutError:
-                pass
 
     def kill(self) -> None:
         """SIGKILL the worker's whole process group."""

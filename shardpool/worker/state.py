@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from shardpool.errors import ShardpoolError
 
 
-class WorkerState(str, Enum):
+class WorkerState(StrEnum):
     INACTIVE = "inactive"  # spawned, handshake not done
     READY = "ready"  # idle, can take a job
     WORKING = "working"  # running a job

@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from shardpool.errors import (
     AllocateError,
@@ -97,7 +97,7 @@ def check_payload(payload: Payload) -> None:
         raise EmptyPayloadError("a job needs a body or a context; both are empty")
 
 
-async def stream_chunks(job: Job, stream_timeout: float) -> AsyncIterator[Payload]:
+async def stream_chunks(job: Job, stream_timeout: float) -> AsyncGenerator[Payload, None]:
     """Yield a streaming job's chunks; leaving early cancels the stream (STOP)."""
     chunks = job.chunks
     assert chunks is not None
@@ -241,7 +241,7 @@ class Worker:
                 self._finish(exc)
             self.kill()
             await self._wait_dead(1.0)
-            raise self._error from None
+            raise (self._error or exc) from None
         if pid != self.pid and self.relay == "pipes":
             self.kill()
             raise self._fail_boot(
@@ -364,7 +364,9 @@ class Worker:
             async with asyncio.timeout(stream_timeout):
                 await asyncio.shield(job.future)
         except TimeoutError:
-            log.warning("worker pid %d did not end a cancelled stream in %gs", self.pid, stream_timeout)
+            log.warning(
+                "worker pid %d did not end a cancelled stream in %gs", self.pid, stream_timeout
+            )
             self._finish_job(
                 job,
                 StreamTimeoutError(
@@ -381,16 +383,18 @@ class Worker:
         if self._error is not None:
             raise type(self._error)(str(self._error))
         if self.state not in _ACCEPTING:
-            raise WorkerCrashedError(f"worker pid {self.pid} is {self.state.value}; it takes no jobs")
+            raise WorkerCrashedError(
+                f"worker pid {self.pid} is {self.state.value}; it takes no jobs"
+            )
         payload = job.payload
         body, context = payload.body, payload.context
         if not body and not context:
             raise EmptyPayloadError("a job needs a body or a context; both are empty")
         job.worker = self
-        if job.ttl_seconds is not None:
-            job.ttl = self.loop.call_later(job.ttl_seconds, self._exec_ttl_reached, job, job.ttl_seconds)
         if not self._pending:
             self.head_since = self.loop.time()
+            if job.ttl_seconds is not None:
+                self._arm_ttl(job)
             if self.state is WorkerState.READY:
                 self.state = WorkerState.WORKING
         self._pending.append(job)
@@ -406,7 +410,11 @@ class Worker:
             if self._handshake is not None and not self._handshake.done():
                 self._handshake.set_result(frame)
             else:
-                log.warning("worker pid %d sent an unexpected control frame: %r", self.pid, frame.payload[:200])
+                log.warning(
+                    "worker pid %d sent an unexpected control frame: %r",
+                    self.pid,
+                    frame.payload[:200],
+                )
             return
         if not self._pending:
             self._protocol_violation(f"sent a reply with no job in flight: {frame.payload[:200]!r}")
@@ -427,10 +435,16 @@ class Worker:
         now = self.loop.time()
         self.service_ewma += (now - self.head_since - self.service_ewma) * 0.1
         self.head_since = now
+        if self._pending and self._pending[0].ttl_seconds is not None:
+            self._arm_ttl(self._pending[0])  # exec TTL counts from when PHP starts the job
         if not self._pending:
             if self.state is WorkerState.WORKING:
                 self.state = WorkerState.READY
-            if self.max_jobs and self.jobs_done >= self.max_jobs and self.state is WorkerState.READY:
+            if (
+                self.max_jobs
+                and self.jobs_done >= self.max_jobs
+                and self.state is WorkerState.READY
+            ):
                 self.state = WorkerState.MAX_JOBS_REACHED
         if isinstance(reply, WorkerStoppedError):
             self._try_transition(WorkerState.INVALID)
@@ -449,7 +463,9 @@ class Worker:
             return SoftJobError(data.decode("utf-8", "replace"))
         n = frame.options[0] if frame.options else 0
         if n > len(data):
-            self._protocol_violation(f"reply context length {n} exceeds its payload of {len(data)} bytes")
+            self._protocol_violation(
+                f"reply context length {n} exceeds its payload of {len(data)} bytes"
+            )
             return None
         if n == 0:
             return Payload(data, b"", frame.flags)
@@ -494,10 +510,18 @@ class Worker:
         elif job.parts is not None:
             assert isinstance(result, Payload)
             parts = [*job.parts, result]
-            job.future.set_result(Payload(b"".join(p.body for p in parts), parts[0].context, result.codec))
+            job.future.set_result(
+                Payload(b"".join(p.body for p in parts), parts[0].context, result.codec)
+            )
         else:
             assert isinstance(result, Payload)
             job.future.set_result(result)
+
+    def _arm_ttl(self, job: Job) -> None:
+        assert job.ttl_seconds is not None
+        job.ttl = self.loop.call_later(
+            job.ttl_seconds, self._exec_ttl_reached, job, job.ttl_seconds
+        )
 
     def _exec_ttl_reached(self, job: Job, timeout: float) -> None:
         if job.future.done() or self._error is not None:
@@ -505,7 +529,10 @@ class Worker:
         self._try_transition(WorkerState.EXEC_TTL_REACHED)
         self._finish_job(
             job,
-            ExecTTLError(f"job ran longer than its exec TTL of {timeout:g}s; worker pid {self.pid} was killed"),
+            ExecTTLError(
+                f"job ran longer than its exec TTL of {timeout:g}s; "
+                f"worker pid {self.pid} was killed"
+            ),
         )
         self.kill()
 

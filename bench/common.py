@@ -1,0 +1,133 @@
+"""Shared benchmark helpers: the C limit dispatcher, percentiles, medians, tables."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+ECHO = ROOT / "workers" / "echo.php"
+LIMIT_SRC = ROOT.parent / "shared" / "tools" / "limit" / "gbench.c"
+
+
+@dataclass
+class Run:
+    """One measured run."""
+
+    jobs_s: float
+    p50_us: float
+    p99_us: float
+
+
+@dataclass
+class Series:
+    """Repeated runs of one configuration; figures are medians."""
+
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def jobs_s(self) -> float:
+        return statistics.median(r.jobs_s for r in self.runs) if self.runs else 0.0
+
+    @property
+    def p50_us(self) -> float:
+        return statistics.median(r.p50_us for r in self.runs) if self.runs else 0.0
+
+    @property
+    def p99_us(self) -> float:
+        return statistics.median(r.p99_us for r in self.runs) if self.runs else 0.0
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def run_from_latencies(done: int, elapsed: float, latencies: list[float]) -> Run:
+    latencies.sort()
+    return Run(done / elapsed, percentile(latencies, 0.5) * 1e6, percentile(latencies, 0.99) * 1e6)
+
+
+def gbench_path() -> Path:
+    """Build the C limit dispatcher once (bench/out/gbench)."""
+    binary = OUT / "gbench"
+    if binary.exists() and binary.stat().st_mtime >= LIMIT_SRC.stat().st_mtime:
+        return binary
+    if not LIMIT_SRC.exists():
+        sys.exit(f"cannot find the limit dispatcher source at {LIMIT_SRC}")
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        sys.exit("a C compiler is needed to build the limit dispatcher: apt-get install gcc")
+    OUT.mkdir(parents=True, exist_ok=True)
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(binary), str(LIMIT_SRC)], check=True)
+    return binary
+
+
+_RESULT = re.compile(r"jobs_s=([\d.]+) p50_us=([\d.]+) p99_us=([\d.]+)")
+
+
+def limit_run(workers: int, size: int, duration: float, worker: Path = ECHO) -> Run:
+    """The physical limit: C dispatcher, one job in flight per worker, no pool logic."""
+    out = subprocess.run(
+        [
+            str(gbench_path()),
+            "-q",
+            "-w",
+            str(workers),
+            "-s",
+            str(size),
+            "-d",
+            str(duration),
+            "-u",
+            "0.5",
+            "--",
+            "php",
+            str(worker),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    match = _RESULT.search(out)
+    if match is None:
+        raise RuntimeError(f"unexpected gbench output: {out!r}")
+    return Run(float(match[1]), float(match[2]), float(match[3]))
+
+
+def size_label(size: int) -> str:
+    if size >= 1 << 20 and size % (1 << 20) == 0:
+        return f"{size >> 20} MiB"
+    if size >= 1024 and size % 1024 == 0:
+        return f"{size >> 10} KiB"
+    return f"{size} B"
+
+
+def machine() -> str:
+    import platform
+
+    python = platform.python_version()
+    return f"{os.cpu_count()} cores, Python {python}, {php_version()}, {platform.platform()}"
+
+
+def php_version() -> str:
+    out = subprocess.run(["php", "-r", "echo PHP_VERSION;"], capture_output=True, text=True).stdout
+    return f"PHP {out.strip()}"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(headers), sep, *(line(r) for r in rows)])

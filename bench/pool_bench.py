@@ -1,0 +1,139 @@
+"""The in-process static pool: jobs/s and p50/p99 latency against the physical limit.
+
+For each worker count W and body size, the C limit dispatcher
+(../shared/tools/limit: every PHP worker kept busy, no pool logic) is
+measured in the same run, interleaved with the pool runs, and every pool
+figure is given as a ratio of it.
+
+    .venv/bin/python bench/pool_bench.py          # W 1,2,4 x c 1,16,64 x 16B,1KiB,64KiB
+    .venv/bin/python bench/pool_bench.py --depth 1,2,4,auto    # pipelined dispatch
+    .venv/bin/python bench/pool_bench.py --mixed --depth 1,auto --workers 2 --concurrency 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+
+import uvloop
+from common import (
+    ECHO,
+    ROOT,
+    Run,
+    Series,
+    limit_run,
+    machine,
+    run_from_latencies,
+    size_label,
+    table,
+)
+
+from shardpool import Payload, Pool, pool_config
+
+COMMANDS = ROOT / "workers" / "commands.php"
+
+
+async def measure_pool(
+    workers: int, concurrency: int, size: int, duration: float, depth: str, mixed: bool
+) -> Run:
+    script = COMMANDS if mixed else ECHO
+    depth_value: int | str = depth if depth == "auto" else int(depth)
+    config = pool_config(
+        command=["php", str(script)], num_workers=workers, pipeline_depth=depth_value
+    )
+    fast = Payload(b"echo:" + b"x" * max(0, size - 5)) if mixed else Payload(b"x" * size)
+    slow = Payload(b"sleep:50")
+    rng = random.Random(7)
+    async with Pool(config) as pool:
+        latencies: list[float] = []
+        clock = time.perf_counter
+
+        async def client(until: float, record: bool) -> None:
+            while True:
+                start = clock()
+                if start >= until:
+                    return
+                payload = slow if mixed and rng.random() < 0.01 else fast
+                await pool.exec(payload)
+                if record:
+                    latencies.append(clock() - start)
+
+        warm = clock() + min(0.5, duration / 4)
+        await asyncio.gather(*(client(warm, False) for _ in range(concurrency)))
+        start = clock()
+        await asyncio.gather(*(client(start + duration, True) for _ in range(concurrency)))
+        elapsed = clock() - start
+    return run_from_latencies(len(latencies), elapsed, latencies)
+
+
+def ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workers", type=ints, default=[1, 2, 4])
+    parser.add_argument("--concurrency", type=ints, default=[1, 16, 64])
+    parser.add_argument("--sizes", type=ints, default=[16, 1024, 65536])
+    parser.add_argument("--depth", default="1", help="pipeline depths, e.g. 1,2,4,auto")
+    parser.add_argument(
+        "--mixed", action="store_true", help="1%% of jobs sleep 50 ms (commands.php)"
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=2.0)
+    args = parser.parse_args()
+    depths = args.depth.split(",")
+    print(machine(), flush=True)
+    headers = ["W", "in flight", "body", "dispatch", "jobs/s", "p50 µs", "p99 µs", "× limit"]
+    rows: list[list[str]] = []
+    for workers in args.workers:
+        for size in args.sizes:
+            limit = Series("C limit (1 job/worker)")
+            pools = {(c, d): Series(f"pool depth {d}") for c in args.concurrency for d in depths}
+            for _ in range(args.repeat):
+                limit.runs.append(limit_run(workers, size, args.duration))
+                for (c, d), series in pools.items():
+                    series.runs.append(
+                        uvloop.run(measure_pool(workers, c, size, args.duration, d, args.mixed))
+                    )
+            block = [
+                [
+                    str(workers),
+                    "-",
+                    size_label(size),
+                    limit.name,
+                    f"{limit.jobs_s:,.0f}",
+                    f"{limit.p50_us:.0f}",
+                    f"{limit.p99_us:.0f}",
+                    "1.00",
+                ]
+            ]
+            for (c, _), series in pools.items():
+                block.append(
+                    [
+                        str(workers),
+                        str(c),
+                        size_label(size),
+                        series.name,
+                        f"{series.jobs_s:,.0f}",
+                        f"{series.p50_us:.0f}",
+                        f"{series.p99_us:.0f}",
+                        f"{series.jobs_s / limit.jobs_s:.2f}",
+                    ]
+                )
+            print(table(headers, block), flush=True)
+            rows.extend(block)
+    print()
+    print(
+        f"medians of {args.repeat} interleaved runs of {args.duration:g}s each"
+        + (", mixed workload" if args.mixed else "")
+    )
+    print(table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""One PHP worker in-process: exec round trips per second and latency.
+
+Baselines measured in the same run, interleaved with ours:
+- a minimal blocking Python ping-pong driver (os.write / os.read on the same
+  PHP worker script, no event loop);
+- the C limit dispatcher (../shared/tools/limit) with one worker.
+
+    .venv/bin/python bench/worker_bench.py [--repeat 3] [--duration 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import time
+
+import uvloop
+from common import ECHO, Run, Series, limit_run, machine, run_from_latencies, size_label, table
+
+from shardpool.ipc import PipeFactory
+from shardpool.payload import Payload
+from shardpool.protocol import FrameDecoder, encode_control, encode_job
+
+
+def blocking_driver(size: int, duration: float) -> Run:
+    """The simplest correct Python driver: write a frame, read until a frame is back."""
+    proc = subprocess.Popen(
+        ["php", str(ECHO)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    wfd, rfd = proc.stdin.fileno(), proc.stdout.fileno()
+    decoder = FrameDecoder()
+
+    def roundtrip(frame: bytes) -> None:
+        os.write(wfd, frame)
+        got: list[object] = []
+        while not got:
+            got = decoder.feed(os.read(rfd, 1 << 20))
+
+    roundtrip(encode_control(json.dumps({"pid": os.getpid()}).encode()))
+    job = encode_job(b"x" * size)
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:
+        roundtrip(job)
+    latencies: list[float] = []
+    clock = time.perf_counter
+    start = clock()
+    deadline = start + duration
+    while True:
+        t = clock()
+        if t >= deadline:
+            break
+        remaining = len(job)
+        written = os.write(wfd, job)
+        while written < remaining:
+            written += os.write(wfd, job[written:])
+        got: list[object] = []
+        while not got:
+            got = decoder.feed(os.read(rfd, 1 << 20))
+        latencies.append(clock() - t)
+    elapsed = clock() - start
+    proc.stdin.close()
+    proc.wait(5)
+    return run_from_latencies(len(latencies), elapsed, latencies)
+
+
+async def shardpool_worker(size: int, duration: float) -> Run:
+    worker = await PipeFactory().spawn(["php", str(ECHO)])
+    payload = Payload(b"x" * size)
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:
+        await worker.exec(payload)
+    latencies: list[float] = []
+    clock = time.perf_counter
+    start = clock()
+    deadline = start + duration
+    while True:
+        t = clock()
+        if t >= deadline:
+            break
+        await worker.exec(payload)
+        latencies.append(clock() - t)
+    elapsed = clock() - start
+    await worker.stop(5)
+    return run_from_latencies(len(latencies), elapsed, latencies)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=2.0)
+    parser.add_argument("--sizes", default="16,1024,65536")
+    args = parser.parse_args()
+    print(machine())
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        ours, py, limit = Series("shardpool Worker"), Series("blocking Python"), Series("C limit")
+        for _ in range(args.repeat):
+            limit.runs.append(limit_run(1, size, args.duration))
+            py.runs.append(blocking_driver(size, args.duration))
+            ours.runs.append(uvloop.run(shardpool_worker(size, args.duration)))
+        for s in (limit, py, ours):
+            rows.append(
+                [
+                    size_label(size),
+                    s.name,
+                    f"{s.jobs_s:,.0f}",
+                    f"{s.p50_us:.0f}",
+                    f"{s.p99_us:.0f}",
+                    f"{s.jobs_s / py.jobs_s:.2f}",
+                    f"{s.jobs_s / limit.jobs_s:.2f}",
+                ]
+            )
+        print(
+            table(
+                ["body", "driver", "jobs/s", "p50 µs", "p99 µs", "× Python", "× limit"], rows[-3:]
+            ),
+            flush=True,
+        )
+    print()
+    print(f"medians of {args.repeat} interleaved runs of {args.duration:g}s each")
+    print(table(["body", "driver", "jobs/s", "p50 µs", "p99 µs", "× Python", "× limit"], rows))
+
+
+if __name__ == "__main__":
+    asyncio.set_event_loop_policy(None)
+    main()
