@@ -201,6 +201,11 @@ class Worker:
         return len(self._pending)
 
     @property
+    def closing(self) -> bool:
+        """The frame channel is closed or closing: the worker is going away."""
+        return self._transport is None or self._transport.is_closing()
+
+    @property
     def streaming(self) -> bool:
         """True while the job at the head of the pipe is a stream."""
         return bool(self._pending) and self._pending[0].chunks is not None
@@ -386,24 +391,30 @@ class Worker:
             raise WorkerCrashedError(
                 f"worker pid {self.pid} is {self.state.value}; it takes no jobs"
             )
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            # The worker is dying (its pipe closed) but its last replies may
+            # still be unread: refuse the job so it can run elsewhere.
+            exc = WorkerCrashedError(f"worker pid {self.pid} closed its pipe; it takes no jobs")
+            exc.job_started = False
+            raise exc
         payload = job.payload
         body, context = payload.body, payload.context
         if not body and not context:
             raise EmptyPayloadError("a job needs a body or a context; both are empty")
         job.worker = self
         if not self._pending:
-            self.head_since = self.loop.time()
+            self.head_since = time.monotonic()
             if job.ttl_seconds is not None:
                 self._arm_ttl(job)
             if self.state is WorkerState.READY:
                 self.state = WorkerState.WORKING
         self._pending.append(job)
         header = job_header(len(context), len(body), payload.codec)
-        assert self._transport is not None
         if len(body) < _WRITE_JOIN_LIMIT:
-            self._transport.write(header + context + body)
+            transport.write(header + context + body)
         else:
-            self._transport.writelines((header, context, body))
+            transport.writelines((header, context, body))
 
     def _on_frame(self, frame: Frame) -> None:
         if frame.flags & CONTROL:
@@ -432,7 +443,7 @@ class Worker:
         self._pending.popleft()
         self.jobs_done += 1
         self.last_used = time.monotonic()
-        now = self.loop.time()
+        now = time.monotonic()  # not loop.time(): uvloop's clock ticks in milliseconds
         self.service_ewma += (now - self.head_since - self.service_ewma) * 0.1
         self.head_since = now
         if self._pending and self._pending[0].ttl_seconds is not None:
@@ -455,7 +466,10 @@ class Worker:
             reply_or_end = reply
         self._finish_job(job, reply_or_end)
         if self.on_free is not None:
-            self.on_free(self)
+            try:
+                self.on_free(self)
+            except Exception:  # never let a pool bug tear down the worker's channel
+                log.exception("worker pid %d: on_free callback failed", self.pid)
 
     def _reply(self, frame: Frame) -> Payload | ShardpoolError | None:
         data = frame.payload
