@@ -25,6 +25,10 @@ class ErrorCode(StrEnum):
     EMPTY_PAYLOAD = "empty_payload"
     STREAM_TIMEOUT = "stream_timeout"
     WORKER_STOPPED = "worker_stopped"
+    TIMEOUT = "timeout"
+    SHARD_LOST = "shard_lost"
+    BAD_REQUEST = "bad_request"
+    UNAVAILABLE = "unavailable"
 
 
 class ShardpoolError(Exception):
@@ -112,6 +116,31 @@ class WorkerStoppedError(ShardpoolError):
     code = ErrorCode.WORKER_STOPPED
 
 
+class JobTimeoutError(ShardpoolError):
+    """The job's deadline passed before a worker could start it; it never ran."""
+
+    code = ErrorCode.TIMEOUT
+    job_started = False
+
+
+class ShardLostError(ShardpoolError):
+    """The shard running the job died or stopped answering; the job's fate is unknown."""
+
+    code = ErrorCode.SHARD_LOST
+
+
+class BadRequestError(ShardpoolError):
+    """The message was malformed, of an unknown kind or version, or too large."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class UnavailableError(ShardpoolError):
+    """The service is shutting down, or no broker answered in time."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
 ERRORS_BY_CODE: dict[ErrorCode, type[ShardpoolError]] = {
     cls.code: cls
     for cls in (
@@ -128,5 +157,18 @@ ERRORS_BY_CODE: dict[ErrorCode, type[ShardpoolError]] = {
         PoolClosedError,
         StreamTimeoutError,
         WorkerStoppedError,
+        JobTimeoutError,
+        ShardLostError,
+        BadRequestError,
+        UnavailableError,
     )
 }
+
+
+def error_from_code(code: str, message: str) -> ShardpoolError:
+    """Rebuild a typed error from its wire code (unknown codes give the base class)."""
+    try:
+        cls = ERRORS_BY_CODE[ErrorCode(code)]
+    except ValueError:
+        cls = ShardpoolError
+    return cls(message)

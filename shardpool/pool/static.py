@@ -17,12 +17,12 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import msgspec
 
-from shardpool.config import PoolConfig, pool_config
+from shardpool.config import PoolConfig, pool_config, to_builtins
 from shardpool.errors import (
     AllocateError,
     NoFreeWorkersError,
@@ -48,6 +48,63 @@ _BACKOFF_START = 0.1
 _BACKOFF_MAX = 5.0
 
 
+def retryable(exc: ShardpoolError) -> bool:
+    """A stop request, or a job that never reached PHP: safe to run elsewhere."""
+    return isinstance(exc, WorkerStoppedError) or not exc.job_started
+
+
+def _outcome(task: asyncio.Future[Payload]) -> Payload | ShardpoolError:
+    if task.cancelled():
+        return PoolClosedError("the job was cancelled")
+    exc = task.exception()
+    if exc is None:
+        return task.result()
+    if isinstance(exc, ShardpoolError):
+        return exc
+    return ShardpoolError(f"internal error: {exc!r}")
+
+
+class _Submission:
+    """A callback-driven job with the retry rules of :meth:`Pool.exec`."""
+
+    __slots__ = ("attempts", "callback", "payload", "pool", "ttl")
+
+    def __init__(
+        self,
+        pool: Pool,
+        payload: Payload,
+        callback: Callable[[Payload | ShardpoolError], None],
+        ttl: float | None,
+    ) -> None:
+        self.pool = pool
+        self.payload = payload
+        self.callback = callback
+        self.ttl = ttl
+        self.attempts = 0
+
+    def start(self) -> None:
+        self.attempts += 1
+        job = Job(self.payload, self.pool._new_future(), None, self.ttl)
+        try:
+            self.pool._submit(job)
+        except ShardpoolError as exc:
+            self.callback(exc)
+            return
+        job.future.add_done_callback(self._done)
+
+    def _done(self, future: asyncio.Future[Payload]) -> None:
+        outcome = _outcome(future)
+        if (
+            isinstance(outcome, ShardpoolError)
+            and retryable(outcome)
+            and self.attempts < MAX_RETRIES
+            and not self.pool._closing
+        ):
+            self.start()
+            return
+        self.callback(outcome)
+
+
 class WorkerInfo(msgspec.Struct, frozen=True):
     """One worker as :meth:`Pool.workers` reports it."""
 
@@ -70,7 +127,7 @@ class Pool:
         if config is None:
             config = pool_config(**overrides)
         elif overrides:
-            config = pool_config(msgspec.to_builtins(config), **overrides)
+            config = pool_config(to_builtins(config), **overrides)
         self.config = config
         self._factory = factory_for(config.relay)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,19 +214,40 @@ class Pool:
             self._submit(job)
             try:
                 return await job.future
-            except WorkerStoppedError:
-                continue  # the worker asked to be replaced: run the job elsewhere
             except ShardpoolError as exc:
-                if exc.job_started:
+                if not retryable(exc):
                     raise
             except asyncio.CancelledError:
                 self._forget(job)
                 raise
         raise WorkerStoppedError(f"the job was refused by {MAX_RETRIES} workers in a row")
 
+    def submit(
+        self,
+        payload: Payload,
+        callback: Callable[[Payload | ShardpoolError], None],
+        timeout: float | None = None,
+    ) -> None:
+        """Run a job and call ``callback`` with its reply or typed error.
+
+        The same semantics as :meth:`exec` (re-runs after stop requests, one
+        answer per job) without a coroutine per job: a shard uses this to
+        serve a batch of jobs from the broker.
+        """
+        if self.config.debug:
+            task = asyncio.ensure_future(self.exec(payload, timeout))
+            task.add_done_callback(lambda t: callback(_outcome(t)))
+            return
+        _Submission(self, payload, callback, timeout or self._ttl).start()
+
+    @property
+    def capacity(self) -> int:
+        """Jobs the pool can start at once: workers x pipeline depth."""
+        return max(1, self._target) * self._depth
+
     async def stream(
         self, payload: Payload | bytes, timeout: float | None = None
-    ) -> AsyncIterator[Payload]:
+    ) -> AsyncGenerator[Payload, None]:
         """Yield the chunks of a streamed reply (the final one included).
 
         Leaving the loop early sends STOP; the worker goes back to the pool once
@@ -186,11 +264,8 @@ class Pool:
                     yielded = True
                     yield chunk
                 return
-            except WorkerStoppedError:
-                if yielded or attempt == MAX_RETRIES - 1:
-                    raise
             except ShardpoolError as exc:
-                if exc.job_started or yielded:
+                if yielded or attempt == MAX_RETRIES - 1 or not retryable(exc):
                     raise
             finally:
                 self._forget(job)
@@ -208,12 +283,12 @@ class Pool:
         idle = self._idle
         while idle:
             worker = idle.pop()
-            if self._usable(worker):
+            if self._usable(worker) and not worker.closing:
                 worker.start(job)
                 return
         if self._depth > 1:
             busy = self._least_loaded()
-            if busy is not None:
+            if busy is not None and not busy.closing:
                 busy.start(job)
                 return
         limit = self.config.max_queue_size
@@ -281,7 +356,7 @@ class Pool:
         """
         best, best_n = None, self._depth
         slow = self._slow_after() if self._auto else 0.0
-        now = self._loop.time() if self._auto else 0.0  # type: ignore[union-attr]
+        now = time.monotonic() if self._auto else 0.0
         for worker in self._workers:
             n = worker.in_flight
             if n < best_n and self._pipelinable(worker):
@@ -324,7 +399,11 @@ class Pool:
             job = queue.popleft()
             if job.future.done():
                 continue  # the caller gave up
-            worker.start(job)
+            try:
+                worker.start(job)
+            except ShardpoolError:
+                queue.appendleft(job)  # the worker is going; the job waits for another
+                return
             room -= 1
             if self._depth > 1 and not self._pipelinable(worker):
                 break
