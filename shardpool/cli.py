@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import uvloop
 
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run jobs on persistent PHP workers (RoadRunner's worker model).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
 
     bench = sub.add_parser(
         "bench",
@@ -90,7 +92,180 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker", default=str(DEFAULT_WORKER), help="PHP worker script (must echo)"
     )
     bench.add_argument("--quick", action="store_true", help="one short run per configuration")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the broker and its shards",
+        description="Start the ZeroMQ broker and N shard processes, each with its own pool.",
+    )
+    serve.add_argument(
+        "-c", "--config", help="YAML config file (top-level keys and a pool: section)"
+    )
+    serve.add_argument("--shards", type=_positive_int, help="shard processes (default: CPU count)")
+    serve.add_argument("--workers", type=_positive_int, help="PHP workers per shard")
+    serve.add_argument("--frontend", help="client endpoint (default tcp://127.0.0.1:7400)")
+    serve.add_argument("--backend", help="shard endpoint (default: a private ipc:// path)")
+    serve.add_argument("--worker", help="PHP worker script (default: the bundled echo worker)")
+    serve.add_argument("--command", help="full worker command, e.g. 'php app/worker.php'")
+    serve.add_argument("--pipeline-depth", help="jobs per worker pipe: 1 (default), N or auto")
+    serve.add_argument("--heartbeat", type=_positive_float, help="seconds between heartbeats")
+
+    shard = sub.add_parser(
+        "shard",
+        help="run one shard connected to a broker (for other hosts)",
+        description="Run one shard: a pool of PHP workers serving a broker's backend.",
+    )
+    shard.add_argument(
+        "--connect", required=True, help="the broker's backend, e.g. tcp://HOST:7401"
+    )
+    shard.add_argument("-c", "--config", help="YAML config file (its pool: section is used)")
+    shard.add_argument("--name", help="shard name (default: host-pid)")
+    shard.add_argument("--workers", type=_positive_int, help="PHP workers")
+    shard.add_argument("--worker", help="PHP worker script")
+    shard.add_argument("--heartbeat", type=_positive_float, default=1.0, help=argparse.SUPPRESS)
+    shard.add_argument("--liveness", type=_positive_int, default=3, help=argparse.SUPPRESS)
+    shard.add_argument(
+        "--prefetch", type=int, default=8, help="jobs per worker held beyond those running"
+    )
+    shard.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+
+    for name, text in (
+        ("exec", "run one job on a running server and print the reply body"),
+        ("workers", "list every shard's workers"),
+        ("stats", "show job counts, queue length and shard load"),
+        ("reset", "replace every worker, one shard at a time"),
+        ("shutdown", "drain and stop a running server"),
+    ):
+        cmd = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        cmd.add_argument(
+            "--connect", default="tcp://127.0.0.1:7400", help="the server (default %(default)s)"
+        )
+        cmd.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds to wait")
+        if name == "exec":
+            cmd.add_argument("body", help="the job body (text), or - to read it from stdin")
+            cmd.add_argument("--context", default="", help="the job context (text)")
+        if name == "workers":
+            cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from shardpool.broker import Broker
+    from shardpool.config import load_config, serve_config, to_builtins
+
+    base: dict[str, Any] = {}
+    if args.config:
+        base = to_builtins(load_config(args.config))
+        base.pop("backend", None) if not _explicit_backend(args.config) else None
+    pool = dict(base.pop("pool", {}) or {})
+    if args.workers:
+        pool["num_workers"] = args.workers
+    if args.worker:
+        pool["command"] = ["php", args.worker]
+    if args.command:
+        pool["command"] = args.command
+    if args.pipeline_depth:
+        depth = args.pipeline_depth
+        pool["pipeline_depth"] = depth if depth == "auto" else _positive_int(depth)
+    config = serve_config(
+        base,
+        shards=args.shards,
+        frontend=args.frontend,
+        backend=args.backend,
+        heartbeat=args.heartbeat,
+        pool=pool,
+    )
+    broker = Broker(config)
+    broker.bind()
+    broker.install_signal_handlers()
+    broker.start_local_shards(config.shards)
+    print(
+        f"shardpool serving on {broker.frontend_address} with {config.shards} shard(s) x "
+        f"{config.pool.num_workers} worker(s) of {' '.join(config.pool.argv)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    broker.run()
+    return 0
+
+
+def _explicit_backend(path: str) -> bool:
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return isinstance(data, dict) and "backend" in data
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from shardpool.config import load_config, pool_config, to_builtins
+    from shardpool.local_env import pool_from_env
+    from shardpool.shard import Shard
+    from shardpool.shard.shard import die_with_parent
+
+    if args.parent_pid:
+        die_with_parent()
+    config = pool_from_env()
+    if config is None:
+        data = to_builtins(load_config(args.config).pool) if args.config else {}
+        if args.workers:
+            data["num_workers"] = args.workers
+        if args.worker:
+            data["command"] = ["php", args.worker]
+        config = pool_config(data)
+    shard = Shard(
+        config,
+        args.connect,
+        name=args.name,
+        heartbeat=args.heartbeat,
+        liveness=args.liveness,
+        parent_pid=args.parent_pid,
+        prefetch=max(0, args.prefetch),
+    )
+    return uvloop.run(shard.run())
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from shardpool.client import Client
+
+    with Client(args.connect, timeout=args.timeout) as client:
+        if args.subcommand == "exec":
+            body = sys.stdin.buffer.read() if args.body == "-" else args.body.encode()
+            reply = client.exec(body, context=args.context.encode(), timeout=args.timeout)
+            sys.stdout.buffer.write(reply.body)
+            if sys.stdout.isatty():
+                sys.stdout.write("\n")
+        elif args.subcommand == "workers":
+            data = client.workers()
+            if args.json:
+                print(json.dumps(data, indent=2))
+            else:
+                print(_workers_table(data))
+        elif args.subcommand == "stats":
+            print(json.dumps(client.stats(), indent=2))
+        elif args.subcommand == "reset":
+            result = client.reset()
+            print(json.dumps(result, indent=2))
+        elif args.subcommand == "shutdown":
+            client.shutdown()
+            print("draining", file=sys.stderr)
+    return 0
+
+
+def _workers_table(data: dict[str, Any]) -> str:
+    head = ("shard", "pid", "state", "jobs", "in flight", "memory", "age")
+    lines = ["{:<12} {:>8} {:<18} {:>9} {:>9} {:>10} {:>8}".format(*head)]
+    now = time.time()
+    for shard, workers in sorted(data.items()):
+        if isinstance(workers, dict):  # the shard did not answer
+            lines.append(f"{shard:<12} {workers.get('error', '?')}")
+            continue
+        for w in workers:
+            lines.append(
+                f"{shard:<12} {w['pid']:>8} {w['state']:<18} {w['jobs']:>9} {w['in_flight']:>9} "
+                f"{w['memory'] / 1048576:>8.1f}MB {now - w['created_at']:>7.0f}s"
+            )
+    return "\n".join(lines)
 
 
 async def _bench_one(
@@ -149,15 +324,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        if args.command == "bench":
+        if args.subcommand == "bench":
             return uvloop.run(_bench(args))
+        if args.subcommand == "serve":
+            return _serve(args)
+        if args.subcommand == "shard":
+            return _shard(args)
+        return _client_command(args)
     except ShardpoolError as exc:
         print(f"shardpool: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    parser.error(f"unknown command {args.command!r}")
-    return 2
 
 
 if __name__ == "__main__":

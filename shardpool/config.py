@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -127,10 +128,52 @@ class PoolConfig(_Base):
         return self.command
 
 
-class Config(_Base):
-    """A whole shardpool configuration file."""
+def default_backend() -> str:
+    """A private ipc:// endpoint for local shards (owner-only directory)."""
+    return f"ipc://{tempfile.gettempdir()}/shardpool-{os.getuid()}/backend-{os.getpid()}"
 
+
+class ServeConfig(_Base):
+    """``shardpool serve``: the broker, its shards, and the ``pool:`` each shard runs.
+
+    Endpoints default to loopback and ``ipc://``; listening on other
+    addresses is an explicit choice.
+    """
+
+    shards: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0  # 0: CPU count
+    frontend: str = "tcp://127.0.0.1:7400"
+    backend: str = ""  # default: a private ipc:// path
+    heartbeat: Duration = Duration(1.0)
+    liveness: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    # Jobs per worker a shard may hold beyond those it can start at once, so its
+    # PHP workers never wait for a round trip to the broker. 0: strict credit.
+    prefetch: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 8
+    max_queue_size: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    max_payload_size: Annotated[int, msgspec.Meta(ge=1)] = 64 * 1024 * 1024
+    client_hwm: Annotated[int, msgspec.Meta(ge=1)] = 10_000  # replies queued per slow client
+    control_timeout: Duration = Duration(10.0)
+    drain_timeout: Duration = Duration(60.0)
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
+
+    def __post_init__(self) -> None:
+        if self.shards == 0:
+            self.shards = os.cpu_count() or 1
+        if not self.backend:
+            self.backend = default_backend()
+        for key in ("frontend", "backend"):
+            address = getattr(self, key)
+            if not address.startswith(("tcp://", "ipc://")):
+                raise ValueError(f"{key} must be a tcp:// or ipc:// address, got {address!r}")
+        if self.heartbeat <= 0:
+            raise ValueError("heartbeat must be greater than 0")
+
+    @property
+    def max_message_size(self) -> int:
+        # A message may batch many jobs; refuse only the absurd.
+        return max(self.max_payload_size * 4, 256 * 1024 * 1024)
+
+
+Config = ServeConfig
 
 
 def _dec_hook(type_: type, obj: Any) -> Any:
@@ -164,6 +207,14 @@ def pool_config(data: dict[str, Any] | None = None, **overrides: Any) -> PoolCon
     return result
 
 
+def serve_config(data: dict[str, Any] | None = None, **overrides: Any) -> ServeConfig:
+    """A ServeConfig from a mapping and keyword overrides (None values are ignored)."""
+    merged = dict(data or {})
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    result: ServeConfig = convert(merged, ServeConfig, "config")
+    return result
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read a YAML file; a RoadRunner-style ``pool:`` section is the core of it."""
     try:
@@ -180,3 +231,18 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     result: Config = convert(data, Config, f"config file {str(path)!r}")
     return result
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, float):  # Duration
+        return float(obj)
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def to_builtins(config: msgspec.Struct) -> Any:
+    """A config as plain dicts, lists and numbers (for merging and passing on)."""
+    return msgspec.to_builtins(config, enc_hook=_enc_hook)
+
+
+def to_json(config: msgspec.Struct) -> bytes:
+    return msgspec.json.encode(config, enc_hook=_enc_hook)

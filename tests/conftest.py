@@ -36,7 +36,9 @@ def run(coro: Awaitable[T], timeout: float = 30.0) -> T:
     return uvloop.run(bounded())
 
 
-def async_test(timeout: float = 30.0) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
+def async_test(
+    timeout: float = 30.0,
+) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
     """Turn an ``async def`` test into a plain one that runs it under uvloop."""
 
     def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
@@ -79,3 +81,83 @@ def no_leaked_php() -> Iterator[None]:
 def pytest_configure(config: pytest.Config) -> None:
     if shutil.which("php") is None:
         raise pytest.UsageError("php is not installed: run `make setup` (Debian's php-cli)")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Service:
+    """A real ``shardpool serve`` process on a free loopback port."""
+
+    def __init__(self, tmp_path: Path, *args: str, ready: bool = True) -> None:
+        import subprocess
+        import sys
+
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.backend = f"ipc://{tmp_path}/backend"
+        argv = [sys.executable, "-m", "shardpool", "serve", "--frontend", self.address]
+        if "--backend" not in args:
+            argv += ["--backend", self.backend]
+        self.log = tmp_path / "serve.log"
+        self._log_file = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [*argv, *args], stdout=self._log_file, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+        if ready:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until every shard joined (stats lists them), bounded."""
+        import time
+
+        from shardpool.client import Client
+
+        deadline = time.monotonic() + timeout
+        with Client(self.address, timeout=2) as client:
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, f"serve exited early:\n{self.output()}"
+                try:
+                    stats = client.stats()
+                except Exception:
+                    continue
+                if stats["shards"] and len(stats["shards"]) >= self.expected_shards():
+                    return
+                time.sleep(0.05)  # polling a remote process: no event to await here
+        raise AssertionError(f"serve did not become ready:\n{self.output()}")
+
+    def expected_shards(self) -> int:
+        argv = self.proc.args
+        assert isinstance(argv, list)
+        return int(argv[argv.index("--shards") + 1]) if "--shards" in argv else 1
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except Exception:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log_file.close()
+        return code
+
+
+def shard_processes() -> list[psutil.Process]:
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "shardpool" in " ".join(child.cmdline()) and "shard" in child.cmdline():
+                out.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return out

@@ -1,0 +1,588 @@
+"""The broker: accepts jobs from clients and routes them to shards with free capacity.
+
+One thread, one blocking ``zmq.Poller`` loop (plain pyzmq: no asyncio layer
+per message). Each pass drains what arrived, dispatches queued jobs to the
+shards with the most free capacity, and sends one message per shard and per
+client: under load jobs and replies travel in batches, while a lone job
+still goes out in the same pass it arrived.
+
+The loop reads as: ``run -> poll -> drain frontend/backend -> dispatch ->
+flush -> timers``. Signals only set a flag through a wake-up pipe.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import msgspec
+import zmq
+
+from shardpool import wire
+from shardpool.broker.control import ControlDesk
+from shardpool.broker.local import BOOT_FAILURES_LIMIT, LocalShard
+from shardpool.config import ServeConfig
+from shardpool.errors import (
+    BadRequestError,
+    EmptyPayloadError,
+    JobTimeoutError,
+    QueueFullError,
+    ShardLostError,
+    ShardpoolError,
+    UnavailableError,
+)
+
+log = logging.getLogger("shardpool.broker")
+
+_DRAIN_BATCH = 4096  # messages read from one socket per pass, for fairness
+_EXPIRY_SCAN_INTERVAL = 0.005  # seconds between scans for queued jobs past their deadline
+
+
+class ServeError(ShardpoolError):
+    """``serve`` cannot go on (a shard fails at boot over and over)."""
+
+
+class _Pending:
+    """A job the broker accepted: who asked, and where it runs."""
+
+    __slots__ = ("body", "cid", "client", "ctx", "deadline", "iid", "shard", "stream")
+
+    def __init__(self, iid: int, client: bytes, job: wire.Job, deadline: float) -> None:
+        self.iid = iid
+        self.client = client
+        self.cid = job.id
+        self.body = job.body
+        self.ctx = job.ctx
+        self.deadline = deadline
+        self.stream = job.stream
+        self.shard: ShardState | None = None
+
+
+class ShardState:
+    """A shard as the broker sees it."""
+
+    def __init__(self, ident: bytes, hello: wire.Hello, now: float) -> None:
+        self.ident = ident
+        self.name = hello.name or ident.decode(errors="replace")
+        self.pid = hello.pid
+        self.host = hello.host
+        self.capacity = max(1, hello.capacity)
+        self.in_flight: dict[int, _Pending] = {}
+        self.last_seen = now
+        self.leaving = False
+        self.jobs_done = 0
+
+    @property
+    def free(self) -> int:
+        return 0 if self.leaving else self.capacity - len(self.in_flight)
+
+
+class Broker:
+    def __init__(self, config: ServeConfig, context: zmq.Context[Any] | None = None) -> None:
+        self.config = config
+        self.ctx = context or zmq.Context.instance()
+        self.frontend = self.ctx.socket(zmq.ROUTER)
+        self.backend = self.ctx.socket(zmq.ROUTER)
+        for sock in (self.frontend, self.backend):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.frontend.setsockopt(zmq.SNDHWM, config.client_hwm)  # a slow client: bounded memory
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, config.max_message_size)
+        self.backend.setsockopt(zmq.SNDHWM, 0)
+        self.backend.setsockopt(zmq.RCVHWM, 0)
+        self.shards: dict[bytes, ShardState] = {}
+        self.local: dict[str, LocalShard] = {}
+        self.queue: collections.deque[_Pending] = collections.deque()
+        self.out_clients: dict[bytes, list[wire.Reply]] = {}
+        self.out_shards: dict[bytes, list[wire.Job]] = {}
+        self.control = ControlDesk(self)
+        self.stats = {"jobs_done": 0, "jobs_failed": 0, "bad_messages": 0, "shards_lost": 0}
+        self._next_iid = 1
+        self._closing = False
+        self._closing_since = 0.0
+        self._done = False
+        self._fatal: str | None = None
+        self._last_beat = 0.0
+        self._deadlines = 0  # queued jobs that carry a deadline
+        self._next_expiry_scan = 0.0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+
+    # -- set-up ----------------------------------------------------------------
+
+    def bind(self) -> None:
+        for sock, address in (
+            (self.frontend, self.config.frontend),
+            (self.backend, self.config.backend),
+        ):
+            _prepare_ipc(address)
+            sock.bind(address)
+            _restrict_ipc(address)
+        self.frontend_address = self.frontend.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.backend_address = self.backend.getsockopt(zmq.LAST_ENDPOINT).decode()
+        log.info("broker: clients at %s, shards at %s", self.frontend_address, self.backend_address)
+
+    def start_local_shards(self, count: int) -> None:
+        for i in range(count):
+            shard = LocalShard(
+                f"shard-{i}",
+                self.backend_address,
+                self.config.pool,
+                self.config.heartbeat,
+                self.config.liveness,
+                self.config.prefetch,
+            )
+            shard.spawn()
+            self.local[shard.name] = shard
+
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)  # the wake-up fd carries it to the loop
+
+    # -- the loop --------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until shutdown; raise :class:`ServeError` if shards cannot boot."""
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        watched: dict[int, tuple[LocalShard, str]] = {}
+        while not self._done:
+            watched = self._watch_local(poller, watched)
+            events = dict(poller.poll(self._poll_timeout_ms()))
+            if self.backend in events:
+                self._drain(self.backend, self._on_shard)
+            if self.frontend in events:
+                self._drain(self.frontend, self._on_client)
+            if self._wake_r in events:
+                self._on_signal()
+            for fd, (shard, kind) in watched.items():
+                if fd in events:
+                    if kind == "stderr":
+                        shard.read_stderr()
+                    else:
+                        self._local_exited(shard)
+            self._dispatch()
+            self._flush()
+            self._timers()
+        self._close()
+        if self._fatal is not None:
+            raise ServeError(self._fatal)
+
+    def _watch_local(
+        self, poller: zmq.Poller, watched: dict[int, tuple[LocalShard, str]]
+    ) -> dict[int, tuple[LocalShard, str]]:
+        wanted: dict[int, tuple[LocalShard, str]] = {}
+        for shard in self.local.values():
+            if shard.pidfd >= 0:
+                wanted[shard.pidfd] = (shard, "exit")
+            if shard.stderr_fd >= 0:
+                wanted[shard.stderr_fd] = (shard, "stderr")
+        if wanted.keys() != watched.keys():
+            for fd in watched:
+                if fd not in wanted:
+                    poller.unregister(fd)
+            for fd in wanted:
+                if fd not in watched:
+                    poller.register(fd, zmq.POLLIN)
+        return wanted
+
+    def _poll_timeout_ms(self) -> int:
+        if self.out_clients or self.out_shards:
+            return 0
+        if self._deadlines or self.control.busy:
+            return 10
+        return int(self.config.heartbeat * 1000 / 4)
+
+    def _drain(self, sock: zmq.Socket[bytes], handle: Any) -> None:
+        for _ in range(_DRAIN_BATCH):
+            try:
+                ident, data = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                self.stats["bad_messages"] += 1  # not two frames: no way to know who sent it
+                continue
+            handle(ident, data)
+
+    # -- clients ---------------------------------------------------------------
+
+    def _on_client(self, client: bytes, data: bytes) -> None:
+        try:
+            message = wire.client_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._bad(client, 0, f"malformed message: {exc}")
+            return
+        if message.v != wire.VERSION:
+            self._bad(
+                client,
+                0,
+                f"unsupported protocol version {message.v}; this broker speaks {wire.VERSION}",
+            )
+            return
+        if isinstance(message, wire.Submit):
+            now = time.monotonic()
+            for job in message.jobs:
+                self._accept(client, job, now)
+        elif isinstance(message, wire.Control):
+            self.control.handle(client, message)
+        else:
+            self._cancel(client, set(message.ids))
+
+    def _accept(self, client: bytes, job: wire.Job, now: float) -> None:
+        size = len(job.body) + len(job.ctx)
+        error: ShardpoolError | None = None
+        if self._closing:
+            error = UnavailableError("the service is shutting down")
+        elif size > self.config.max_payload_size:
+            error = BadRequestError(
+                f"job of {size} bytes exceeds max_payload_size ({self.config.max_payload_size})"
+            )
+        elif not size:
+            error = EmptyPayloadError("a job needs a body or a context; both are empty")
+        elif job.timeout < 0:
+            error = BadRequestError(f"timeout must not be negative, got {job.timeout}")
+        elif len(self.queue) >= self.config.max_queue_size and not self._has_free_shard():
+            error = QueueFullError(
+                f"{len(self.queue)} jobs are already waiting for a shard (max_queue_size)"
+            )
+        if error is not None:
+            self.stats["jobs_failed"] += 1
+            self.reply_error(client, job.id, error)
+            return
+        pending = _Pending(self._next_iid, client, job, now + job.timeout if job.timeout else 0.0)
+        self._next_iid += 1
+        if pending.deadline:
+            self._deadlines += 1
+        self.queue.append(pending)
+
+    def _has_free_shard(self) -> bool:
+        return any(s.free > 0 for s in self.shards.values())
+
+    def _bad(self, client: bytes, cid: int, message: str) -> None:
+        self.stats["bad_messages"] += 1
+        log.warning("bad client message: %s", message)
+        self.reply_error(client, cid, BadRequestError(message))
+
+    def _cancel(self, client: bytes, ids: set[int]) -> None:
+        kept: collections.deque[_Pending] = collections.deque()
+        for pending in self.queue:
+            if pending.client == client and pending.cid in ids:
+                self._forget_deadline(pending)
+            else:
+                kept.append(pending)
+        self.queue = kept
+        for shard in self.shards.values():
+            streams = [
+                p.iid
+                for p in shard.in_flight.values()
+                if p.client == client and p.cid in ids and p.stream
+            ]
+            if streams:
+                self._send_shard(shard, wire.Cancel(ids=streams))
+
+    def reply(self, client: bytes, reply: wire.Reply) -> None:
+        out = self.out_clients.get(client)
+        if out is None:
+            self.out_clients[client] = [reply]
+        else:
+            out.append(reply)
+
+    def reply_error(self, client: bytes, cid: int, error: ShardpoolError) -> None:
+        self.reply(client, wire.Reply(cid, code=error.code.value, error=str(error)))
+
+    # -- shards ----------------------------------------------------------------
+
+    def _on_shard(self, ident: bytes, data: bytes) -> None:
+        try:
+            message = wire.shard_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("bad message from shard %r: %s", ident, exc)
+            return
+        now = time.monotonic()
+        shard = self.shards.get(ident)
+        if isinstance(message, wire.Hello):
+            self._hello(ident, message, now)
+            return
+        if shard is None:
+            return  # a shard we declared lost: it reconnects with a hello
+        shard.last_seen = now
+        if isinstance(message, wire.Replies):
+            self._shard_replies(shard, message.replies)
+        elif isinstance(message, wire.Bye):
+            shard.leaving = True
+            log.info("shard %s is leaving", shard.name)
+
+    def _hello(self, ident: bytes, hello: wire.Hello, now: float) -> None:
+        old = self.shards.get(ident)
+        if old is not None:
+            self._lose(old, "it reconnected, so its earlier jobs' fate is unknown")
+        shard = ShardState(ident, hello, now)
+        self.shards[ident] = shard
+        local = self.local.get(shard.name)
+        if local is not None:
+            local.said_hello = True
+        log.info(
+            "shard %s joined (pid %d on %s, capacity %d)",
+            shard.name,
+            shard.pid,
+            shard.host,
+            shard.capacity,
+        )
+
+    def _shard_replies(self, shard: ShardState, replies: list[wire.Reply]) -> None:
+        in_flight = shard.in_flight
+        for reply in replies:
+            pending = in_flight.get(reply.id) if reply.more else in_flight.pop(reply.id, None)
+            if pending is None:
+                self.control.on_reply(shard, reply)
+                continue
+            if not reply.more:
+                shard.jobs_done += 1
+                if reply.code:
+                    self.stats["jobs_failed"] += 1
+                else:
+                    self.stats["jobs_done"] += 1
+            reply.id = pending.cid
+            self.reply(pending.client, reply)
+
+    def _lose(self, shard: ShardState, why: str) -> None:
+        """Every job in flight on a lost shard gets a "shard lost" reply: never silence."""
+        if self.shards.get(shard.ident) is shard:
+            del self.shards[shard.ident]
+        self.stats["shards_lost"] += 1
+        if shard.in_flight:
+            log.warning(
+                "shard %s lost with %d jobs in flight: %s", shard.name, len(shard.in_flight), why
+            )
+        else:
+            log.warning("shard %s lost: %s", shard.name, why)
+        error = ShardLostError(f"shard {shard.name} was lost while running the job: {why}")
+        for pending in shard.in_flight.values():
+            self.stats["jobs_failed"] += 1
+            self.reply_error(pending.client, pending.cid, error)
+        shard.in_flight.clear()
+        self.control.on_shard_lost(shard)
+
+    def _local_exited(self, local: LocalShard) -> None:
+        code = local.reap()
+        for shard in list(self.shards.values()):
+            if shard.name == local.name and shard.pid == local.pid:
+                self._lose(shard, local.describe_exit(code).split(":\n")[0])
+        if self._closing:
+            return
+        if local.boot_failures >= BOOT_FAILURES_LIMIT:
+            self._fatal = (
+                f"{local.describe_exit(code)}\nshard {local.name} failed at boot "
+                f"{local.boot_failures} times in a row; stopping"
+            )
+            log.error("%s", self._fatal)
+            self._begin_shutdown()
+            return
+        delay = local.schedule_restart()
+        log.warning("%s; restarting in %.1fs", local.describe_exit(code), delay)
+
+    def _send_shard(self, shard: ShardState, message: Any) -> None:
+        self.backend.send_multipart([shard.ident, wire.encode(message)])
+
+    # -- dispatch --------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Send queued jobs to the shards with the most free capacity."""
+        queue = self.queue
+        if not queue:
+            return
+        shards = [s for s in self.shards.values() if s.free > 0]
+        if not shards:
+            return
+        now = time.monotonic()
+        out = self.out_shards
+        while queue and shards:
+            pending = queue.popleft()
+            if pending.deadline:
+                self._deadlines -= 1
+                if pending.deadline <= now:
+                    self._expire(pending)
+                    continue
+            shard = max(shards, key=_free) if len(shards) > 1 else shards[0]
+            pending.shard = shard
+            shard.in_flight[pending.iid] = pending
+            job = wire.Job(
+                pending.iid,
+                pending.body,
+                pending.ctx,
+                pending.deadline - now if pending.deadline else 0.0,
+                pending.stream,
+            )
+            batch = out.get(shard.ident)
+            if batch is None:
+                out[shard.ident] = [job]
+            else:
+                batch.append(job)
+            if shard.free <= 0:
+                shards.remove(shard)
+
+    def _expire(self, pending: _Pending) -> None:
+        self.stats["jobs_failed"] += 1
+        self.reply_error(
+            pending.client,
+            pending.cid,
+            JobTimeoutError("the job's deadline passed while it waited for a shard; it never ran"),
+        )
+
+    def _forget_deadline(self, pending: _Pending) -> None:
+        if pending.deadline:
+            self._deadlines -= 1
+
+    def _flush(self) -> None:
+        if self.out_shards:
+            out, self.out_shards = self.out_shards, {}
+            for ident, jobs in out.items():
+                self.backend.send_multipart([ident, wire.encode(wire.Submit(jobs=jobs))])
+        if self.out_clients:
+            out_c, self.out_clients = self.out_clients, {}
+            for client, replies in out_c.items():
+                try:
+                    self.frontend.send_multipart(
+                        [client, wire.encode(wire.Replies(replies=replies))], zmq.NOBLOCK
+                    )
+                except zmq.Again:
+                    log.warning(
+                        "client %r is not reading its replies; %d dropped", client, len(replies)
+                    )
+
+    # -- timers ----------------------------------------------------------------
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        if self._deadlines:
+            self._expire_queued(now)
+        self.control.tick(now)
+        if now - self._last_beat >= self.config.heartbeat:
+            self._last_beat = now
+            limit = self.config.heartbeat * self.config.liveness
+            for shard in list(self.shards.values()):
+                if now - shard.last_seen > limit:
+                    self._lose(shard, f"no heartbeat for {now - shard.last_seen:.1f}s")
+                else:
+                    self._send_shard(shard, wire.Heartbeat())
+        for local in self.local.values():
+            if local.restart_at is not None and now >= local.restart_at and not self._closing:
+                local.spawn()
+        if self._closing:
+            self._shutdown_step(now)
+
+    def _expire_queued(self, now: float) -> None:
+        # A scan of the queue costs O(queue); do it at most every few ms.
+        if now < self._next_expiry_scan:
+            return
+        self._next_expiry_scan = now + _EXPIRY_SCAN_INTERVAL
+        if not any(p.deadline and p.deadline <= now for p in self.queue):
+            return
+        kept: collections.deque[_Pending] = collections.deque()
+        for pending in self.queue:
+            if pending.deadline and pending.deadline <= now:
+                self._deadlines -= 1
+                self._expire(pending)
+            else:
+                kept.append(pending)
+        self.queue = kept
+
+    # -- shutdown --------------------------------------------------------------
+
+    def _on_signal(self) -> None:
+        try:
+            data = os.read(self._wake_r, 64)
+        except BlockingIOError:
+            return
+        if any(b in (signal.SIGTERM, signal.SIGINT) for b in data):
+            log.info("signal received: draining")
+            self._begin_shutdown()
+
+    def begin_shutdown(self) -> None:
+        self._begin_shutdown()
+
+    def _begin_shutdown(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._closing_since = time.monotonic()
+
+    def _shutdown_step(self, now: float) -> None:
+        """Drain: queued and in-flight jobs finish (up to drain_timeout), then shards stop."""
+        busy = self.queue or any(s.in_flight for s in self.shards.values())
+        overdue = now - self._closing_since > self.config.drain_timeout
+        if busy and not overdue and self._fatal is None:
+            return
+        if overdue and busy:
+            log.warning("drain timeout reached with jobs unfinished")
+            error = UnavailableError("the service shut down before the job finished")
+            for pending in self.queue:
+                self.reply_error(pending.client, pending.cid, error)
+            self.queue.clear()
+            for shard in list(self.shards.values()):
+                self._lose(shard, "the service shut down")
+        self._flush()
+        self._stop_local_shards()
+        self._done = True
+
+    def _stop_local_shards(self) -> None:
+        for local in self.local.values():
+            local.restart_at = None
+            local.terminate()
+        deadline = time.monotonic() + self.config.pool.destroy_timeout + 5
+        for local in self.local.values():
+            if local.proc is None:
+                continue
+            try:
+                local.proc.wait(max(0.1, deadline - time.monotonic()))
+            except Exception:
+                local.kill()
+                local.proc.wait()
+            if local.pidfd >= 0:
+                local.read_stderr()
+                local._close_fds()
+
+    def _close(self) -> None:
+        self.frontend.close(linger=100)
+        self.backend.close(linger=100)
+        for address in (self.config.frontend, self.config.backend):
+            _cleanup_ipc(address)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def _free(shard: ShardState) -> int:
+    return shard.free
+
+
+def _ipc_path(address: str) -> str | None:
+    return address[len("ipc://") :] if address.startswith("ipc://") else None
+
+
+def _prepare_ipc(address: str) -> None:
+    path = _ipc_path(address)
+    if path:
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+
+
+def _restrict_ipc(address: str) -> None:
+    path = _ipc_path(address)
+    if path and os.path.exists(path):
+        os.chmod(path, 0o600)  # owner-only: other users cannot submit jobs
+
+
+def _cleanup_ipc(address: str) -> None:
+    path = _ipc_path(address)
+    if path:
+        with contextlib.suppress(OSError):
+            os.unlink(path)

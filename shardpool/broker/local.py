@@ -1,0 +1,163 @@
+"""Shard processes started by ``shardpool serve``: spawn, watch, restart with back-off."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from shardpool.config import PoolConfig, to_json
+
+log = logging.getLogger("shardpool.broker")
+
+BOOT_FAILURES_LIMIT = 3  # consecutive shards dying before their hello: give up
+RESTART_BACKOFF_START = 0.2
+RESTART_BACKOFF_MAX = 10.0
+CONFIG_ENV = "SHARDPOOL_POOL_CONFIG"
+
+
+class LocalShard:
+    """One shard child process. Its exit is watched through a pidfd, its
+    STDERR forwarded line by line (and the last lines kept for errors)."""
+
+    def __init__(
+        self,
+        name: str,
+        backend: str,
+        pool: PoolConfig,
+        heartbeat: float,
+        liveness: int,
+        prefetch: int = 0,
+    ) -> None:
+        self.prefetch = prefetch
+        self.name = name
+        self.backend = backend
+        self.pool = pool
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pidfd = -1
+        self.stderr_fd = -1
+        self.tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._partial = b""
+        self.said_hello = False
+        self.boot_failures = 0
+        self.restarts = 0
+        self.restart_at: float | None = None
+        self.backoff = RESTART_BACKOFF_START
+
+    def spawn(self) -> None:
+        env = dict(os.environ)
+        env[CONFIG_ENV] = to_json(self.pool).decode()
+        argv = [
+            sys.executable, "-m", "shardpool", "shard",
+            "--connect", self.backend,
+            "--name", self.name,
+            "--parent-pid", str(os.getpid()),
+            "--heartbeat", str(self.heartbeat),
+            "--liveness", str(self.liveness),
+            "--prefetch", str(self.prefetch),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        assert self.proc.stderr is not None
+        self.stderr_fd = self.proc.stderr.fileno()
+        os.set_blocking(self.stderr_fd, False)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.said_hello = False
+        self.restart_at = None
+        log.info("started shard %s (pid %d)", self.name, self.proc.pid)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def read_stderr(self) -> None:
+        """Forward what the shard wrote to STDERR, a line at a time."""
+        if self.stderr_fd < 0:
+            return
+        try:
+            data = os.read(self.stderr_fd, 65536)
+        except BlockingIOError:
+            if self.proc is not None and self.proc.returncode is None:
+                return
+            data = b""  # exited, and nothing more is coming (a child may hold the pipe)
+        except OSError:
+            data = b""
+        if not data:  # EOF: stop watching the pipe
+            self._emit(self._partial)
+            self._partial = b""
+            if self.proc is not None and self.proc.stderr is not None:
+                self.proc.stderr.close()
+            self.stderr_fd = -1
+            return
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._emit(line)
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip()
+        if line:
+            self.tail.append(line)
+            sys.stderr.write(f"[{self.name}] {line}\n")
+            sys.stderr.flush()
+
+    def reap(self) -> int:
+        """The pidfd fired: collect the exit status and close our descriptors."""
+        assert self.proc is not None
+        code = self.proc.wait()
+        while self.stderr_fd >= 0:
+            self.read_stderr()
+        self._close_fds()
+        if self.said_hello:
+            self.boot_failures = 0
+            self.backoff = RESTART_BACKOFF_START
+        else:
+            self.boot_failures += 1
+        return code
+
+    def _close_fds(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+        self.stderr_fd = -1
+
+    def schedule_restart(self) -> float:
+        delay = self.backoff
+        self.backoff = min(self.backoff * 2, RESTART_BACKOFF_MAX)
+        self.restart_at = time.monotonic() + delay
+        self.restarts += 1
+        return delay
+
+    def terminate(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.kill()
+
+    def describe_exit(self, code: int) -> str:
+        if code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with status {code}"
+        tail = "\n".join(self.tail)
+        return f"shard {self.name} (pid {self.pid}) {how}" + (f":\n{tail}" if tail else "")

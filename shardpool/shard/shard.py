@@ -1,0 +1,296 @@
+"""The shard process: one static pool and one ZeroMQ connection to the broker.
+
+It announces its capacity (workers x pipeline depth), and the broker never
+sends it more jobs than that in flight. Replies produced in one pass of the
+event loop go back in one message. Heartbeats are sent from the event loop
+itself, so a stalled loop looks dead to the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+import msgspec
+import zmq
+
+from shardpool import wire
+from shardpool.config import PoolConfig
+from shardpool.errors import ShardpoolError, UnavailableError
+from shardpool.payload import Payload
+from shardpool.pool import Pool
+
+log = logging.getLogger("shardpool.shard")
+
+EXIT_OK = 0
+EXIT_BOOT_FAILED = 3  # the pool could not start: serve must not respawn forever
+_RECONNECT_MAX = 5.0
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the parent (serve) dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Shard:
+    def __init__(
+        self,
+        config: PoolConfig,
+        connect: str,
+        *,
+        name: str | None = None,
+        heartbeat: float = 1.0,
+        liveness: int = 3,
+        parent_pid: int | None = None,
+        drain_timeout: float = 60.0,
+        prefetch: int = 0,
+    ) -> None:
+        self.prefetch = prefetch
+        self.config = config
+        self.connect = connect
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.parent_pid = parent_pid
+        self.drain_timeout = drain_timeout
+        self.pool = Pool(config)
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._sock: zmq.Socket[bytes] | None = None
+        self._fd: int | None = None
+        self._out: list[wire.Reply] = []
+        self._flush_scheduled = False
+        self._in_flight = 0
+        self._streams: dict[int, asyncio.Task[None]] = {}
+        self._stopping = False
+        self._stopped: asyncio.Event | None = None
+        self._last_heard = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._backoff = 0.1
+        self._idle: asyncio.Event | None = None  # set once draining and nothing is in flight
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        try:
+            await self.pool.start()
+        except ShardpoolError as exc:
+            log.error("shard %s cannot start its pool: %s", self.name, exc)
+            return EXIT_BOOT_FAILED
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        self._open()
+        beat = loop.create_task(self._heartbeats())
+        await self._stopped.wait()
+        beat.cancel()
+        await self._drain()
+        return EXIT_OK
+
+    def stop(self) -> None:
+        """Stop taking jobs; those in flight finish, then the pool stops."""
+        if not self._stopping:
+            log.info("shard %s stopping", self.name)
+            self._stopping = True
+            assert self._stopped is not None
+            self._stopped.set()
+
+    async def _drain(self) -> None:
+        self._send(wire.Bye())
+        self._idle = asyncio.Event()
+        if not self._in_flight:
+            self._idle.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.drain_timeout)
+        except TimeoutError:
+            log.warning(
+                "shard %s: %d jobs still running after %gs",
+                self.name,
+                self._in_flight,
+                self.drain_timeout,
+            )
+        self._flush()
+        await self.pool.destroy()
+        self._close()
+
+    def _open(self) -> None:
+        assert self._loop is not None
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.name.encode())
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.connect)
+        self._sock = sock
+        self._fd = int(sock.getsockopt(zmq.FD))
+        self._loop.add_reader(self._fd, self._readable)
+        self._last_heard = self._loop.time()
+        self._send(
+            wire.Hello(
+                name=self.name, pid=os.getpid(), host=socket.gethostname(), capacity=self.capacity
+            )
+        )
+        log.info("shard %s connected to %s (capacity %d)", self.name, self.connect, self.capacity)
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            assert self._loop is not None and self._fd is not None
+            self._loop.remove_reader(self._fd)
+            self._sock.close(linger=1000)
+            self._sock = None
+
+    @property
+    def capacity(self) -> int:
+        """Jobs the broker may have in flight here: what the pool can start, plus prefetch."""
+        return self.pool.capacity + self.prefetch * self.config.num_workers
+
+    # -- I/O -------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        # The FD is edge-triggered: drain until EVENTS says nothing is left.
+        sock = self._sock
+        while sock is not None and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            try:
+                data = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._on_message(data)
+            sock = self._sock
+        self._flush()
+
+    def _send(self, message: Any) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._sock.send(wire.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("shard %s: broker connection full; message dropped", self.name)
+        # A send can consume the edge that announced incoming messages.
+        if int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            assert self._loop is not None
+            self._loop.call_soon(self._readable)
+
+    def _on_message(self, data: bytes) -> None:
+        assert self._loop is not None
+        self._last_heard = self._loop.time()
+        try:
+            message = wire.broker_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            log.error("shard %s: bad message from the broker: %s", self.name, exc)
+            return
+        if isinstance(message, wire.Submit):
+            for job in message.jobs:
+                self._start(job)
+        elif isinstance(message, wire.Control):
+            self._loop.create_task(self._control(message))
+        elif isinstance(message, wire.Cancel):
+            for job_id in message.ids:
+                task = self._streams.get(job_id)
+                if task is not None:
+                    task.cancel()
+
+    def _start(self, job: wire.Job) -> None:
+        if self._stopping:
+            self._reply(job.id, UnavailableError("the shard is shutting down"))
+            return
+        self._in_flight += 1
+        payload = Payload(job.body, job.ctx)
+        timeout = job.timeout or None
+        if job.stream:
+            assert self._loop is not None
+            task = self._loop.create_task(self._stream(job.id, payload, timeout))
+            self._streams[job.id] = task
+            return
+        job_id = job.id
+        self.pool.submit(payload, lambda outcome: self._reply(job_id, outcome), timeout)
+
+    async def _stream(self, job_id: int, payload: Payload, timeout: float | None) -> None:
+        last: Payload | None = None
+        try:
+            async with contextlib.aclosing(self.pool.stream(payload, timeout)) as chunks:
+                async for chunk in chunks:
+                    if last is not None:
+                        self._queue(wire.Reply(job_id, last.body, last.context, more=True))
+                    last = chunk
+            self._reply(job_id, last or Payload())
+        except ShardpoolError as exc:
+            self._reply(job_id, exc)
+        except asyncio.CancelledError:
+            self._reply(job_id, UnavailableError("the stream was cancelled"))
+        finally:
+            self._streams.pop(job_id, None)
+
+    def _reply(self, job_id: int, outcome: Payload | ShardpoolError) -> None:
+        self._in_flight -= 1
+        if not self._in_flight and self._idle is not None:
+            self._idle.set()
+        if isinstance(outcome, Payload):
+            reply = wire.Reply(job_id, outcome.body, outcome.context)
+        else:
+            reply = wire.Reply(job_id, code=outcome.code.value, error=str(outcome))
+        self._queue(reply)
+
+    def _queue(self, reply: wire.Reply) -> None:
+        self._out.append(reply)
+        if not self._flush_scheduled:
+            # One message for everything answered in this pass of the loop.
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out:
+            out, self._out = self._out, []
+            self._send(wire.Replies(replies=out))
+
+    async def _control(self, message: wire.Control) -> None:
+        data: Any = None
+        try:
+            if message.cmd == "workers":
+                data = [msgspec.to_builtins(info) for info in self.pool.workers()]
+            elif message.cmd == "reset":
+                await self.pool.reset()
+                data = "ok"
+            elif message.cmd == "stats":
+                data = {"queue": self.pool.queue_size, "in_flight": self._in_flight}
+            else:
+                data = None
+            self._queue(wire.Reply(message.id, data=data))
+        except ShardpoolError as exc:
+            self._queue(wire.Reply(message.id, code=exc.code.value, error=str(exc)))
+
+    # -- liveness --------------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning(
+                    "shard %s: serve (pid %d) is gone; stopping", self.name, self.parent_pid
+                )
+                self.stop()
+                return
+            self._send(wire.Heartbeat())
+            if loop.time() - self._last_heard > self.heartbeat * self.liveness:
+                log.warning(
+                    "shard %s: no word from the broker for %.1fs; reconnecting in %.1fs",
+                    self.name,
+                    loop.time() - self._last_heard,
+                    self._backoff,
+                )
+                self._close()
+                await asyncio.sleep(self._backoff)
+                self._backoff = min(self._backoff * 2, _RECONNECT_MAX)
+                self._open()
+            else:
+                self._backoff = 0.1

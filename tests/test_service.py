@@ -1,0 +1,290 @@
+"""``shardpool serve`` end to end: real broker, shard and PHP processes, real ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import psutil
+import pytest
+import zmq
+from conftest import ROOT, WORKERS, Service, free_port, shard_processes
+
+from shardpool.client import AsyncClient, Client
+from shardpool.errors import (
+    JobTimeoutError,
+    ShardLostError,
+    ShardpoolError,
+    SoftJobError,
+    WorkerCrashedError,
+)
+
+COMMANDS = str(WORKERS / "commands.php")
+
+
+@pytest.fixture
+def service(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Service]:
+    args = getattr(request, "param", ("--shards", "2", "--workers", "2", "--worker", COMMANDS))
+    svc = Service(tmp_path, *args)
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        _, alive = psutil.wait_procs(shard_processes(), timeout=10)
+        assert not alive, f"shard processes outlived serve: {alive}"
+
+
+def test_ten_thousand_jobs_through_two_shards_are_each_answered_once(service: Service) -> None:
+    bodies = [f"echo:job {i}".encode() for i in range(10_000)]
+    with Client(service.address, timeout=60) as client:
+        replies = list(client.map(bodies, window=512))
+        stats = client.stats()
+    assert [r.body for r in replies] == [b[5:] for b in bodies]
+    assert stats["jobs_done"] == 10_000
+    assert len(stats["shards"]) == 2
+    assert all(s["jobs_done"] > 0 for s in stats["shards"].values())
+
+
+def test_workers_lists_every_shard_and_its_workers(service: Service) -> None:
+    with Client(service.address, timeout=10) as client:
+        data = client.workers()
+    assert sorted(data) == ["shard-0", "shard-1"]
+    for workers in data.values():
+        assert len(workers) == 2
+        assert {w["state"] for w in workers} <= {"ready", "working"}
+        assert all(w["pid"] > 0 and w["memory"] > 0 for w in workers)
+
+
+def test_soft_error_reaches_the_client_typed(service: Service) -> None:
+    with Client(service.address, timeout=10) as client:
+        with pytest.raises(SoftJobError, match="boom"):
+            client.exec(b"error:boom")
+        assert client.exec(b"echo:after").body == b"after"
+
+
+def test_worker_killed_inside_a_shard_fails_its_job_and_is_replaced(service: Service) -> None:
+    with Client(service.address, timeout=10) as client:
+        with pytest.raises(WorkerCrashedError, match="status 7"):
+            client.exec(b"crash:7")
+        assert [r.body for r in client.map([b"echo:a", b"echo:b", b"echo:c"])] == [
+            b"a",
+            b"b",
+            b"c",
+        ]
+
+
+def test_stream_chunks_come_through_the_broker(service: Service) -> None:
+    with Client(service.address, timeout=10) as client:
+        chunks = [c.body for c in client.stream(b"stream:4")]
+    assert chunks == [b"chunk 0", b"chunk 1", b"chunk 2", b"chunk 3", b"end"]
+
+
+def test_client_that_leaves_mid_stream_does_not_disturb_the_service(service: Service) -> None:
+    with Client(service.address, timeout=10) as client:
+        for chunk in client.stream(b"stream:100000"):
+            assert chunk.body == b"chunk 0"
+            break
+    with Client(service.address, timeout=10) as client:
+        assert client.exec(b"echo:still here").body == b"still here"
+
+
+def _raw(address: str, message: bytes) -> dict[str, object]:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        sock.send(message)
+        assert sock.poll(5000), "no reply to a malformed message"
+        reply: dict[str, object] = msgspec.msgpack.decode(sock.recv())
+        return reply
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("message", "why"),
+    [
+        (b"\xc1garbage", "malformed"),
+        (msgspec.msgpack.encode([1, 2, 3]), "malformed"),
+        (msgspec.msgpack.encode({"v": 2, "t": "jobs", "jobs": []}), "version 2"),
+        (msgspec.msgpack.encode({"v": 1, "t": "nope"}), "malformed"),
+        (msgspec.msgpack.encode({"v": 1, "t": "jobs", "jobs": [{"id": "x"}]}), "malformed"),
+        (
+            msgspec.msgpack.encode({"v": 1, "t": "control", "id": 3, "cmd": "dance"}),
+            "unknown command",
+        ),
+    ],
+    ids=["garbage", "array", "version", "unknown-type", "wrong-type", "unknown-command"],
+)
+def test_malformed_client_message_gets_a_bad_request_reply(
+    service: Service, message: bytes, why: str
+) -> None:
+    reply = _raw(service.address, message)
+    (answer,) = reply["replies"]  # type: ignore[misc]
+    assert answer["code"] == "bad_request"
+    assert why in answer["error"]
+    with Client(service.address, timeout=10) as client:
+        assert client.exec(b"echo:fine").body == b"fine"
+
+
+def test_oversize_job_is_refused_with_a_reason(tmp_path: Path) -> None:
+    svc = Service(tmp_path, "--shards", "1", "--workers", "1")
+    try:
+        big = {"v": 1, "t": "jobs", "jobs": [{"id": 9, "body": b"x" * (65 * 1024 * 1024)}]}
+        reply = _raw(svc.address, msgspec.msgpack.encode(big))
+        (answer,) = reply["replies"]  # type: ignore[misc]
+        assert answer["id"] == 9 and answer["code"] == "bad_request"
+        assert "max_payload_size" in answer["error"]
+    finally:
+        assert svc.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "service", [("--shards", "1", "--workers", "1", "--worker", COMMANDS)], indirect=True
+)
+def test_job_queued_past_its_deadline_times_out_and_never_runs(service: Service) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(service.address, timeout=10) as client:
+            # 1 worker, prefetch 8 per worker: fill the worker and its prefetch with slow jobs
+            slow = [asyncio.ensure_future(client.exec(b"sleep:300")) for _ in range(10)]
+            await asyncio.sleep(0.05)  # let the slow jobs reach the broker first
+            with pytest.raises(JobTimeoutError, match="never ran"):
+                await client.exec(b"echo:late", timeout=0.2)
+            for job in slow:
+                await job
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+@pytest.mark.parametrize(
+    "service", [("--shards", "2", "--workers", "2", "--worker", COMMANDS)], indirect=True
+)
+def test_shard_killed_under_load_loses_only_its_jobs_and_comes_back(service: Service) -> None:
+    async def scenario() -> list[object]:
+        async with AsyncClient(service.address, timeout=30) as client:
+            jobs = [asyncio.ensure_future(client.exec(b"sleep:300")) for _ in range(16)]
+            await asyncio.sleep(0.1)  # the jobs are running on both shards now
+            victim = next(p for p in shard_processes() if "shard-0" in p.cmdline())
+            victim.send_signal(signal.SIGKILL)
+            return await asyncio.gather(*jobs, return_exceptions=True)
+
+    outcomes = asyncio.run(asyncio.wait_for(scenario(), 30))
+    lost = [o for o in outcomes if isinstance(o, ShardLostError)]
+    done = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert lost and done
+    assert len(lost) + len(done) == 16, outcomes
+    service.wait_ready()  # shard-0 was restarted and joined again
+    with Client(service.address, timeout=10) as client:
+        assert len(client.stats()["shards"]) == 2
+        assert [r.body for r in client.map([b"echo:1"] * 50)] == [b"1"] * 50
+
+
+def test_sigterm_drains_without_losing_a_reply(tmp_path: Path) -> None:
+    svc = Service(tmp_path, "--shards", "2", "--workers", "2", "--worker", COMMANDS)
+
+    async def scenario() -> list[object]:
+        async with AsyncClient(svc.address, timeout=30) as client:
+            jobs = [asyncio.ensure_future(client.exec(b"sleep:100")) for _ in range(40)]
+            await asyncio.sleep(0.05)
+            svc.proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*jobs, return_exceptions=True)
+
+    outcomes = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert all(not isinstance(o, BaseException) for o in outcomes), outcomes
+    assert svc.stop() == 0
+    _, alive = psutil.wait_procs(shard_processes(), timeout=10)
+    assert not alive
+
+
+def test_remote_shard_started_by_hand_joins_over_tcp(tmp_path: Path) -> None:
+    backend = f"tcp://127.0.0.1:{free_port()}"
+    svc = Service(tmp_path, "--shards", "1", "--workers", "1", "--backend", backend)
+    remote = subprocess.Popen(
+        [sys.executable, "-m", "shardpool", "shard", "--connect", backend, "--name", "remote",
+         "--workers", "1"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        with Client(svc.address, timeout=10) as client:
+            deadline = time.monotonic() + 20
+            while "remote" not in client.stats()["shards"]:
+                assert time.monotonic() < deadline, "the remote shard never joined"
+                time.sleep(0.05)  # a remote process joining: poll the broker's view
+            replies = list(client.map([b"x"] * 2000, window=256))
+            stats = client.stats()
+        assert len(replies) == 2000
+        assert stats["shards"]["remote"]["jobs_done"] > 0
+    finally:
+        remote.send_signal(signal.SIGTERM)
+        assert remote.wait(20) == 0
+        assert svc.stop() == 0
+
+
+def test_shard_that_cannot_boot_makes_serve_exit_with_the_cause(tmp_path: Path) -> None:
+    svc = Service(tmp_path, "--shards", "1", "--worker", "/nonexistent/worker.php", ready=False)
+    code = svc.proc.wait(60)
+    output = svc.output()
+    assert code != 0
+    assert "Could not open input file" in output
+    assert "failed at boot" in output
+
+
+def test_exec_command_prints_the_reply(service: Service) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "shardpool", "exec", "--connect", service.address, "echo:hi there"],
+        capture_output=True, timeout=30, check=True, cwd=ROOT,
+    )  # fmt: skip
+    assert out.stdout == b"hi there"
+
+
+def test_workers_command_prints_a_table(service: Service) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "shardpool", "workers", "--connect", service.address],
+        capture_output=True, timeout=30, check=True, cwd=ROOT, text=True,
+    )  # fmt: skip
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["shard", "pid", "state"]
+    assert len(lines) == 1 + 4
+
+
+def test_the_minimal_client_in_the_protocol_page_works(service: Service, tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "protocol.md").read_text()
+    block = re.search(
+        r"<!-- minimal-client:start -->\s*```python\n(.*?)```\s*<!-- minimal-client:end -->",
+        page,
+        re.S,
+    )
+    assert block, "docs/protocol.md lost its minimal client"
+    script = tmp_path / "minimal_client.py"
+    script.write_text(block.group(1))
+    out = subprocess.run(
+        [sys.executable, str(script), service.address],
+        capture_output=True, timeout=30, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+
+
+def test_connect_to_nothing_fails_with_a_clear_error() -> None:
+    with (
+        Client(f"tcp://127.0.0.1:{free_port()}", timeout=1, heartbeat=0.5) as client,
+        pytest.raises(ShardpoolError),
+    ):
+        client.exec(b"hello")
+
+
+def test_rolling_reset_replaces_every_worker(service: Service) -> None:
+    with Client(service.address, timeout=30) as client:
+        before = {w["pid"] for ws in client.workers().values() for w in ws}
+        result = client.reset()
+        after = {w["pid"] for ws in client.workers().values() for w in ws}
+        assert result == {"shard-0": "ok", "shard-1": "ok"}
+        assert not before & after
+        assert client.exec(b"echo:ok").body == b"ok"
