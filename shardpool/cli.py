@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--command", help="full worker command, e.g. 'php app/worker.php'")
     serve.add_argument("--pipeline-depth", help="jobs per worker pipe: 1 (default), N or auto")
     serve.add_argument("--heartbeat", type=_positive_float, help="seconds between heartbeats")
+    serve.add_argument(
+        "--prefetch", type=int, help="jobs per worker a shard holds beyond those running (32)"
+    )
 
     shard = sub.add_parser(
         "shard",
@@ -125,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--heartbeat", type=_positive_float, default=1.0, help=argparse.SUPPRESS)
     shard.add_argument("--liveness", type=_positive_int, default=3, help=argparse.SUPPRESS)
     shard.add_argument(
-        "--prefetch", type=int, default=8, help="jobs per worker held beyond those running"
+        "--prefetch", type=int, default=32, help="jobs per worker held beyond those running"
     )
     shard.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
 
@@ -173,6 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
         frontend=args.frontend,
         backend=args.backend,
         heartbeat=args.heartbeat,
+        prefetch=args.prefetch,
         pool=pool,
     )
     broker = Broker(config)

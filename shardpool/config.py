@@ -147,7 +147,7 @@ class ServeConfig(_Base):
     liveness: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     # Jobs per worker a shard may hold beyond those it can start at once, so its
     # PHP workers never wait for a round trip to the broker. 0: strict credit.
-    prefetch: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 8
+    prefetch: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 32
     max_queue_size: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     max_payload_size: Annotated[int, msgspec.Meta(ge=1)] = 64 * 1024 * 1024
     client_hwm: Annotated[int, msgspec.Meta(ge=1)] = 10_000  # replies queued per slow client

@@ -148,13 +148,15 @@ def test_oversize_job_is_refused_with_a_reason(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "service", [("--shards", "1", "--workers", "1", "--worker", COMMANDS)], indirect=True
+    "service",
+    [("--shards", "1", "--workers", "1", "--prefetch", "0", "--worker", COMMANDS)],
+    indirect=True,
 )
 def test_job_queued_past_its_deadline_times_out_and_never_runs(service: Service) -> None:
     async def scenario() -> None:
         async with AsyncClient(service.address, timeout=10) as client:
-            # 1 worker, prefetch 8 per worker: fill the worker and its prefetch with slow jobs
-            slow = [asyncio.ensure_future(client.exec(b"sleep:300")) for _ in range(10)]
+            # 1 worker, no prefetch: the shard takes one job; the rest wait in the broker
+            slow = [asyncio.ensure_future(client.exec(b"sleep:300")) for _ in range(3)]
             await asyncio.sleep(0.05)  # let the slow jobs reach the broker first
             with pytest.raises(JobTimeoutError, match="never ran"):
                 await client.exec(b"echo:late", timeout=0.2)

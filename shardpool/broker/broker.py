@@ -78,6 +78,10 @@ class ShardState:
         self.jobs_done = 0
 
     @property
+    def batch_min(self) -> int:
+        return max(1, self.capacity // 4)
+
+    @property
     def free(self) -> int:
         return 0 if self.leaving else self.capacity - len(self.in_flight)
 
@@ -400,7 +404,10 @@ class Broker:
         queue = self.queue
         if not queue:
             return
-        shards = [s for s in self.shards.values() if s.free > 0]
+        # A shard gets a batch once a quarter of its credit is free (or the
+        # whole queue fits), not one job per freed slot.
+        backlog = len(queue)
+        shards = [s for s in self.shards.values() if s.free >= min(backlog, s.batch_min)]
         if not shards:
             return
         now = time.monotonic()

@@ -31,6 +31,7 @@ log = logging.getLogger("shardpool.shard")
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 3  # the pool could not start: serve must not respawn forever
 _RECONNECT_MAX = 5.0
+FLUSH_DELAY = 0.0005  # longest a reply waits for company (uvloop rounds up to 1 ms)
 
 
 def die_with_parent() -> None:
@@ -67,6 +68,7 @@ class Shard:
         self._fd: int | None = None
         self._out: list[wire.Reply] = []
         self._flush_scheduled = False
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._in_flight = 0
         self._streams: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
@@ -239,15 +241,27 @@ class Shard:
         self._queue(reply)
 
     def _queue(self, reply: wire.Reply) -> None:
-        self._out.append(reply)
-        if not self._flush_scheduled:
-            # One message for everything answered in this pass of the loop.
-            self._flush_scheduled = True
+        """Hold replies briefly so they travel in batches.
+
+        A lone job's reply goes at once; under load the batch goes when half
+        the jobs this shard holds have answered, or after FLUSH_DELAY.
+        """
+        out = self._out
+        out.append(reply)
+        if len(out) * 2 >= len(out) + self._in_flight:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                assert self._loop is not None
+                self._loop.call_soon(self._flush)
+        elif self._flush_timer is None:
             assert self._loop is not None
-            self._loop.call_soon(self._flush)
+            self._flush_timer = self._loop.call_later(FLUSH_DELAY, self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         if self._out:
             out, self._out = self._out, []
             self._send(wire.Replies(replies=out))

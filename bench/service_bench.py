@@ -1,0 +1,198 @@
+"""The service end to end: client -> broker -> shards -> PHP and back.
+
+Same total PHP workers in every configuration; baselines in the same run:
+the in-process Pool and the C limit dispatcher (../shared/tools/limit).
+
+    .venv/bin/python bench/service_bench.py [--workers 2] [--shards 1,2] [--concurrency 16,256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import uvloop
+from common import (
+    ECHO,
+    ROOT,
+    Run,
+    Series,
+    limit_run,
+    machine,
+    run_from_latencies,
+    size_label,
+    table,
+)
+from pool_bench import measure_pool
+
+from shardpool.client import AsyncClient, Client
+
+
+def start_service(shards: int, workers_per_shard: int, port: int) -> subprocess.Popen[bytes]:
+    address = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardpool", "serve", "--frontend", address,
+         "--shards", str(shards), "--workers", str(workers_per_shard), "--worker", str(ECHO)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    with Client(address, timeout=2) as client:
+        while time.monotonic() < deadline:
+            try:
+                if len(client.stats()["shards"]) == shards:
+                    return proc
+            except Exception:
+                pass
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the service did not start")
+
+
+async def measure_service(address: str, concurrency: int, size: int, duration: float) -> Run:
+    body = b"x" * size
+    async with AsyncClient(address, timeout=30) as client:
+        latencies: list[float] = []
+        clock = time.perf_counter
+
+        async def one(until: float, record: bool) -> None:
+            while True:
+                start = clock()
+                if start >= until:
+                    return
+                await client.exec(body)
+                if record:
+                    latencies.append(clock() - start)
+
+        warm = clock() + 0.5
+        await asyncio.gather(*(one(warm, False) for _ in range(concurrency)))
+        start = clock()
+        await asyncio.gather(*(one(start + duration, True) for _ in range(concurrency)))
+        elapsed = clock() - start
+    return run_from_latencies(len(latencies), elapsed, latencies)
+
+
+def measure_map(address: str, size: int, duration: float, window: int) -> Run:
+    body = b"x" * size
+    with Client(address, timeout=30) as client:
+        done = 0
+        start = time.perf_counter()
+        deadline = start + duration
+        while time.perf_counter() < deadline:
+            done += sum(1 for _ in client.map([body] * 20_000, window=window))
+        elapsed = time.perf_counter() - start
+    return Run(done / elapsed, 0.0, 0.0)
+
+
+def ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workers", type=int, default=2, help="total PHP workers")
+    parser.add_argument("--shards", type=ints, default=[1, 2])
+    parser.add_argument("--concurrency", type=ints, default=[16, 256])
+    parser.add_argument("--sizes", type=ints, default=[16, 1024])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=2.0)
+    args = parser.parse_args()
+    print(machine(), flush=True)
+    headers = ["body", "path", "in flight", "jobs/s", "p50 µs", "p99 µs", "× limit", "× Pool"]
+    rows: list[list[str]] = []
+    port = 17600 + os.getpid() % 1000
+    for size in args.sizes:
+        limit = Series("C limit")
+        pools = {c: Series("in-process Pool") for c in args.concurrency}
+        services = {
+            (s, c): Series(f"serve, {s} shard(s)") for s in args.shards for c in args.concurrency
+        }
+        maps = {s: Series(f"serve, {s} shard(s), Client.map") for s in args.shards}
+        for _ in range(args.repeat):
+            limit.runs.append(limit_run(args.workers, size, args.duration))
+            for c in args.concurrency:
+                pools[c].runs.append(
+                    uvloop.run(measure_pool(args.workers, c, size, args.duration, "1", False))
+                )
+            for s in args.shards:
+                proc = start_service(s, max(1, args.workers // s), port)
+                address = f"tcp://127.0.0.1:{port}"
+                try:
+                    for c in args.concurrency:
+                        services[(s, c)].runs.append(
+                            uvloop.run(measure_service(address, c, size, args.duration))
+                        )
+                    maps[s].runs.append(measure_map(address, size, args.duration, 1024))
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(30)
+        block = [
+            [
+                size_label(size),
+                limit.name,
+                "W",
+                f"{limit.jobs_s:,.0f}",
+                f"{limit.p50_us:.0f}",
+                f"{limit.p99_us:.0f}",
+                "1.00",
+                "",
+            ]
+        ]
+        for c, series in pools.items():
+            block.append(
+                [
+                    size_label(size),
+                    series.name,
+                    str(c),
+                    f"{series.jobs_s:,.0f}",
+                    f"{series.p50_us:.0f}",
+                    f"{series.p99_us:.0f}",
+                    f"{series.jobs_s / limit.jobs_s:.2f}",
+                    "1.00",
+                ]
+            )
+        for (_s, c), series in services.items():
+            block.append(
+                [
+                    size_label(size),
+                    series.name,
+                    str(c),
+                    f"{series.jobs_s:,.0f}",
+                    f"{series.p50_us:.0f}",
+                    f"{series.p99_us:.0f}",
+                    f"{series.jobs_s / limit.jobs_s:.2f}",
+                    f"{series.jobs_s / pools[c].jobs_s:.2f}",
+                ]
+            )
+        for series in maps.values():
+            best_pool = max(p.jobs_s for p in pools.values())
+            block.append(
+                [
+                    size_label(size),
+                    series.name,
+                    "1024",
+                    f"{series.jobs_s:,.0f}",
+                    "-",
+                    "-",
+                    f"{series.jobs_s / limit.jobs_s:.2f}",
+                    f"{series.jobs_s / best_pool:.2f}",
+                ]
+            )
+        print(table(headers, block), flush=True)
+        rows.extend(block)
+    print()
+    print(
+        f"W={args.workers} PHP workers in total; "
+        f"medians of {args.repeat} interleaved runs of {args.duration:g}s"
+    )
+    print(table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()
