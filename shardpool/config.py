@@ -8,6 +8,7 @@ message naming the key; nothing is silently coerced.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -56,6 +57,8 @@ def parse_duration(value: object) -> Duration:
                 raise ValueError(f"invalid duration {value!r}: use e.g. '60s', '500ms', '1m30s'")
     else:
         raise ValueError(f"expected a duration such as '60s' or a number, got {value!r}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"a duration must be a finite number of seconds, got {value!r}")
     if seconds < 0:
         raise ValueError(f"a duration cannot be negative: {value!r}")
     return Duration(seconds)

@@ -40,7 +40,11 @@ class PipeFactory:
         )
         writer, _ = await loop.connect_write_pipe(_WriteSide, process.popen.stdin)
         worker.attach(writer, reader)
-        await worker.handshake(timeout)
+        try:
+            await worker.handshake(timeout)
+        except asyncio.CancelledError:
+            worker.kill()  # the caller gave up (a pool being destroyed): leave no process
+            raise
         return worker
 
     async def close(self) -> None:

@@ -136,6 +136,10 @@ class SocketFactory:
                 await asyncio.wait(
                     (pending.connected, process.exited), return_when=asyncio.FIRST_COMPLETED
                 )
+        except asyncio.CancelledError:
+            self.pending.pop(process.pid, None)
+            worker.kill()  # the caller gave up (a pool being destroyed): leave no process
+            raise
         except TimeoutError:
             self.pending.pop(process.pid, None)
             worker.kill()

@@ -147,6 +147,9 @@ class Pool:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed: asyncio.Event | None = None
         self._expiry: asyncio.TimerHandle | None = None
+        self._destroyed: asyncio.Future[None] | None = None
+        self._debug_workers: set[Worker] = set()
+        self._debug_spawns: set[asyncio.Future[Worker]] = set()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -178,8 +181,16 @@ class Pool:
 
         Queued jobs and jobs arriving later fail with :class:`PoolClosedError`.
         """
-        if self._closing:
+        if self._destroyed is not None:
+            await asyncio.shield(self._destroyed)  # a second call returns when the first is done
             return
+        self._destroyed = asyncio.get_running_loop().create_future()
+        try:
+            await self._destroy()
+        finally:
+            self._destroyed.set_result(None)
+
+    async def _destroy(self) -> None:
         self._closing = True
         self._supervisor.stop()
         if self._expiry is not None:
@@ -190,7 +201,10 @@ class Pool:
             self._fail(self._queue.popleft(), closed)
         self._idle.clear()
         timeout = self.config.destroy_timeout
-        await asyncio.gather(*(w.destroy(timeout) for w in list(self._workers)))
+        await asyncio.gather(*self._debug_spawns, return_exceptions=True)
+        workers = [*self._workers, *self._debug_workers]
+        await asyncio.gather(*(w.destroy(timeout) for w in workers))
+        # Spawns still under way: cancelling them kills their processes.
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -255,6 +269,11 @@ class Pool:
         """
         if isinstance(payload, bytes):
             payload = Payload(payload)
+        if self.config.debug:
+            async with contextlib.aclosing(self._stream_debug(payload, timeout)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
         for attempt in range(MAX_RETRIES):
             job = Job(payload, self._new_future(), asyncio.Queue(), timeout or self._ttl)
             self._submit(job)
@@ -336,6 +355,8 @@ class Pool:
     def _fail(job: Job, error: ShardpoolError) -> None:
         if not job.future.done():
             job.future.set_exception(error)
+            if job.chunks is not None:
+                job.future.exception()  # the stream's consumer reports it, from the queue
         if job.chunks is not None:
             job.chunks.put_nowait(error)
 
@@ -554,13 +575,45 @@ class Pool:
         if self._closing or not self._started:
             raise PoolClosedError("the pool is not running")
         check_payload(payload)
-        worker = await self._factory.spawn(
-            self.config.argv, timeout=self.config.allocate_timeout, env=self.config.env
-        )
+        worker = await self._debug_spawn()
         try:
             return await worker.exec(payload, timeout or self._ttl)
         finally:
+            await self._debug_done(worker)
+
+    async def _debug_spawn(self) -> Worker:
+        async def spawn() -> Worker:
+            worker = await self._factory.spawn(
+                self.config.argv, timeout=self.config.allocate_timeout, env=self.config.env
+            )
+            self._debug_workers.add(worker)
+            return worker
+
+        task = asyncio.ensure_future(spawn())
+        self._debug_spawns.add(task)  # destroy() waits for it, then stops the worker
+        task.add_done_callback(self._debug_spawns.discard)
+        return await task
+
+    async def _debug_done(self, worker: Worker) -> None:
+        try:
             await worker.destroy(self.config.destroy_timeout)
+        finally:
+            self._debug_workers.discard(worker)
+
+    async def _stream_debug(
+        self, payload: Payload, timeout: float | None
+    ) -> AsyncGenerator[Payload, None]:
+        if self._closing or not self._started:
+            raise PoolClosedError("the pool is not running")
+        check_payload(payload)
+        worker = await self._debug_spawn()
+        try:
+            chunks = worker.stream(payload, timeout or self._ttl, self.config.stream_timeout)
+            async with contextlib.aclosing(chunks) as stream:
+                async for chunk in stream:
+                    yield chunk
+        finally:
+            await self._debug_done(worker)
 
     # -- inspection ------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from shardpool.errors import (
     AllocateError,
@@ -230,6 +230,8 @@ class Worker:
 
     async def handshake(self, timeout: float) -> None:
         """Send our pid, expect the worker's; fail with the cause within ``timeout``."""
+        if self._error is not None:  # it died (and was reaped) before we got here
+            raise self._error
         self._handshake = self.loop.create_future()
         self._write(encode_control(json.dumps({"pid": os.getpid()}).encode()))
         try:
@@ -305,8 +307,11 @@ class Worker:
         if self._garbage is not None:
             self._garbage_done()
             return
-        if self.state in (WorkerState.STOPPING, WorkerState.STOPPED):
+        if self.state in (WorkerState.STOPPING, WorkerState.STOPPED) and not self._pending:
             self._finish(None)
+        elif self.state is WorkerState.STOPPING:
+            # Asked to stop, but it died with jobs unanswered: that is a crash.
+            self._finish(WorkerCrashedError(self.process.describe_exit()), WorkerState.STOPPED)
         elif self._killed and self.state is not WorkerState.INACTIVE:
             # Killed on purpose (exec TTL, stream timeout, stop timeout): jobs
             # still in flight fail, but the worker did not crash.
@@ -346,7 +351,7 @@ class Worker:
 
     async def stream(
         self, payload: Payload, timeout: float | None = None, stream_timeout: float = 10.0
-    ) -> AsyncIterator[Payload]:
+    ) -> AsyncGenerator[Payload, None]:
         """Yield the chunks of a streamed reply, the last one included.
 
         Leaving the loop early sends STOP; the worker must end its stream within
