@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import random
+import struct
 import time
+import zlib
 from collections.abc import AsyncGenerator, Callable
 
 from shardpool.errors import (
@@ -54,6 +56,10 @@ _GARBAGE_MAX = 4096
 _WRITE_JOIN_LIMIT = 16384  # below this, one joined buffer beats writelines
 _STREAM_HIGH_WATER = 64  # chunks queued before reading from the worker pauses
 _END = object()
+_HEADER = struct.Struct("<BBIIBB")
+_U32 = struct.Struct("<I")
+_JOB_B0 = 0x14  # version 1, header of 4 words: a job or reply with one option
+_HEADERS: dict[tuple[int, int, int], bytes] = {}  # job headers by (context, body, codec)
 
 
 class Job:
@@ -274,6 +280,34 @@ class Worker:
         return error
 
     def feed(self, data: bytes) -> None:
+        # Fast path: exactly one plain reply (no control, error or stream flag)
+        # in this read, nothing buffered: no Frame object, no generic dispatch.
+        if (
+            len(data) >= 16
+            and data[0] == _JOB_B0
+            and self._garbage is None
+            and self._pending
+            and not self._decoder.buffered
+        ):
+            _, flags, size, crc, stream, _ = _HEADER.unpack_from(data)
+            if (
+                size + 16 == len(data)
+                and not stream
+                and not flags & (CONTROL | ERROR)
+                and zlib.crc32(data[:6]) == crc
+            ):
+                n = _U32.unpack_from(data, 12)[0]
+                if n == 0:
+                    self._complete(self._pending[0], Payload(data[16:], b"", flags))
+                    return
+                if n < size:
+                    self._complete(
+                        self._pending[0], Payload(data[16 + n :], data[16 : 16 + n], flags)
+                    )
+                    return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         if self._garbage is not None:
             if len(self._garbage) < _GARBAGE_MAX:
                 self._garbage += data
@@ -390,6 +424,41 @@ class Worker:
 
     def start(self, job: Job) -> None:
         """Write ``job`` to the worker now; its future resolves with the reply."""
+        state = self.state
+        transport = self._transport
+        payload = job.payload
+        body, context = payload.body, payload.context
+        if (
+            self._error is not None
+            or (state is not _READY and state is not _WORKING and state not in MARKS)
+            or transport is None
+            or transport.is_closing()
+            or not (body or context)
+        ):
+            self._refuse(job)
+        # Write first: PHP starts on the job while we do the bookkeeping.
+        key = (len(context), len(body), payload.codec)
+        header = _HEADERS.get(key)
+        if header is None:
+            if len(_HEADERS) > 4096:
+                _HEADERS.clear()
+            header = _HEADERS[key] = job_header(key[0], key[1], key[2])
+        assert transport is not None
+        if key[1] < _WRITE_JOIN_LIMIT:
+            transport.write(header + context + body)
+        else:
+            transport.writelines((header, context, body))
+        job.worker = self
+        if not self._pending:
+            self.head_since = time.monotonic()
+            if job.ttl_seconds is not None:
+                self._arm_ttl(job)
+            if state is _READY:
+                self.state = _WORKING
+        self._pending.append(job)
+
+    def _refuse(self, job: Job) -> None:
+        """Raise the reason ``start`` cannot take ``job`` (the slow path)."""
         if self._error is not None:
             raise type(self._error)(str(self._error))
         if self.state not in _ACCEPTING:
@@ -403,23 +472,7 @@ class Worker:
             exc = WorkerCrashedError(f"worker pid {self.pid} closed its pipe; it takes no jobs")
             exc.job_started = False
             raise exc
-        payload = job.payload
-        body, context = payload.body, payload.context
-        if not body and not context:
-            raise EmptyPayloadError("a job needs a body or a context; both are empty")
-        job.worker = self
-        if not self._pending:
-            self.head_since = time.monotonic()
-            if job.ttl_seconds is not None:
-                self._arm_ttl(job)
-            if self.state is WorkerState.READY:
-                self.state = WorkerState.WORKING
-        self._pending.append(job)
-        header = job_header(len(context), len(body), payload.codec)
-        if len(body) < _WRITE_JOIN_LIMIT:
-            transport.write(header + context + body)
-        else:
-            transport.writelines((header, context, body))
+        raise EmptyPayloadError("a job needs a body or a context; both are empty")
 
     def _on_frame(self, frame: Frame) -> None:
         if frame.flags & CONTROL:
@@ -445,10 +498,27 @@ class Worker:
                 self._write(STREAM_PONG)
             self._chunk(job, reply)
             return
+        self._complete(job, reply)
+
+    def _complete(self, job: Job, reply: Payload | ShardpoolError) -> None:
+        """The job at the head of the pipe got its final reply."""
+        future = job.future
+        if job.chunks is None and job.parts is None and not future.done():
+            # The common case first: wake the caller before the bookkeeping.
+            if isinstance(reply, Payload):
+                future.set_result(reply)
+            else:
+                future.set_exception(reply)
+            if job.ttl is not None:
+                job.ttl.cancel()
+            done = True
+        else:
+            done = False
+        job.started = True
         self._pending.popleft()
         self.jobs_done += 1
-        self.last_used = time.monotonic()
         now = time.monotonic()  # not loop.time(): uvloop's clock ticks in milliseconds
+        self.last_used = now
         self.service_ewma += (now - self.head_since - self.service_ewma) * 0.1
         self.head_since = now
         if self._pending and self._pending[0].ttl_seconds is not None:
@@ -464,12 +534,12 @@ class Worker:
                 self.state = WorkerState.MAX_JOBS_REACHED
         if isinstance(reply, WorkerStoppedError):
             self._try_transition(WorkerState.INVALID)
-        if job.chunks is not None and not isinstance(reply, BaseException):
-            self._chunk(job, reply)
-            reply_or_end: object = _END
-        else:
-            reply_or_end = reply
-        self._finish_job(job, reply_or_end)
+        if not done:
+            if job.chunks is not None and not isinstance(reply, BaseException):
+                self._chunk(job, reply)
+                self._finish_job(job, _END)
+            else:
+                self._finish_job(job, reply)
         if self.on_free is not None:
             try:
                 self.on_free(self)
@@ -642,6 +712,8 @@ class Worker:
 
 
 _ACCEPTING = frozenset({WorkerState.READY, WorkerState.WORKING}) | MARKS
+_READY = WorkerState.READY
+_WORKING = WorkerState.WORKING
 
 
 def parse_pid_reply(frame: Frame) -> int:
