@@ -35,12 +35,12 @@ class PipeFactory:
         process = await PhpProcess.spawn(command, worker_env(self.relay, env), pipes=True)
         worker = Worker(process, self.relay, max_jobs)
         assert process.popen.stdout is not None and process.popen.stdin is not None
-        reader, _ = await loop.connect_read_pipe(
-            lambda: FrameProtocol(worker), process.popen.stdout
-        )
-        writer, _ = await loop.connect_write_pipe(_WriteSide, process.popen.stdin)
-        worker.attach(writer, reader)
         try:
+            reader, _ = await loop.connect_read_pipe(
+                lambda: FrameProtocol(worker), process.popen.stdout
+            )
+            writer, _ = await loop.connect_write_pipe(_WriteSide, process.popen.stdin)
+            worker.attach(writer, reader)
             await worker.handshake(timeout)
         except asyncio.CancelledError:
             worker.kill()  # the caller gave up (a pool being destroyed): leave no process

@@ -451,6 +451,11 @@ class Pool:
         worker.on_done(self._on_worker_done)
         self._workers.append(worker)
         self._spawn_failures = 0
+        if self._active() > self._target:
+            # remove_worker() ran while this one was starting: it goes at once.
+            self.retire(worker)
+            self._notify()
+            return worker
         self._on_free(worker)
         self._notify()
         return worker

@@ -112,14 +112,18 @@ class PhpProcess:
         proc = cls(popen, loop)
         proc.pipes = pipes
         assert popen.stderr is not None and popen.stdout is not None
-        _, proto = await loop.connect_read_pipe(
-            lambda: LineLogger(proc.pid, "stderr", proc.stderr_tail), popen.stderr
-        )
-        proc._stderr = proto
-        if not pipes:
-            await loop.connect_read_pipe(
-                lambda: LineLogger(proc.pid, "stdout", proc.stderr_tail), popen.stdout
+        try:
+            _, proto = await loop.connect_read_pipe(
+                lambda: LineLogger(proc.pid, "stderr", proc.stderr_tail), popen.stderr
             )
+            proc._stderr = proto
+            if not pipes:
+                await loop.connect_read_pipe(
+                    lambda: LineLogger(proc.pid, "stdout", proc.stderr_tail), popen.stdout
+                )
+        except BaseException:
+            proc.kill()  # cancelled (a pool being destroyed): leave no process behind
+            raise
         return proc
 
     def add_exit_callback(self, callback: Callable[[int], None]) -> None:
