@@ -38,7 +38,7 @@ def blocking_driver(size: int, duration: float) -> Run:
         os.write(wfd, frame)
         got: list[object] = []
         while not got:
-            got = decoder.feed(os.read(rfd, 1 << 20))
+            got = decoder.feed(os.read(rfd, 65536))
 
     roundtrip(encode_control(json.dumps({"pid": os.getpid()}).encode()))
     job = encode_job(b"x" * size)
@@ -59,7 +59,7 @@ def blocking_driver(size: int, duration: float) -> Run:
             written += os.write(wfd, job[written:])
         got: list[object] = []
         while not got:
-            got = decoder.feed(os.read(rfd, 1 << 20))
+            got = decoder.feed(os.read(rfd, 65536))
         latencies.append(clock() - t)
     elapsed = clock() - start
     proc.stdin.close()
