@@ -11,7 +11,6 @@ from shardpool.ipc.base import worker_env
 from shardpool.worker.process import PhpProcess
 from shardpool.worker.worker import FrameProtocol, Worker
 
-
 PIPE_SIZE = 1 << 20  # bytes: a 64 KiB job and its reply cross in one write and one read
 
 

@@ -43,7 +43,9 @@ log = logging.getLogger("shardpool.pool")
 AUTO_MAX_DEPTH = 4  # pipeline_depth: auto writes up to this many jobs into one pipe
 AUTO_SLOW_FACTOR = 4.0  # ... but none behind a job running 4x longer than usual
 AUTO_SLOW_MIN = 0.0002  # seconds; below this, timer noise dominates
-MAX_RETRIES = 10  # a job re-run after stop requests / unstarted failures, at most
+MAX_RETRIES = 10
+_READY = WorkerState.READY
+_WORKING = WorkerState.WORKING  # a job re-run after stop requests / unstarted failures, at most
 _BACKOFF_START = 0.1
 _BACKOFF_MAX = 5.0
 
@@ -360,12 +362,13 @@ class Pool:
         if job.chunks is not None:
             job.chunks.put_nowait(error)
 
-    def _usable(self, worker: Worker) -> bool:
+    @staticmethod
+    def _usable(worker: Worker) -> bool:
         return (
-            not worker.retiring
-            and worker.state is WorkerState.READY
-            and worker.in_flight == 0
-            and worker.error is None
+            worker.state is _READY
+            and not worker._pending
+            and not worker.retiring
+            and worker._error is None
         )
 
     def _least_loaded(self) -> Worker | None:
@@ -404,15 +407,16 @@ class Pool:
 
     def _on_free(self, worker: Worker) -> None:
         """A worker finished a job: retire it, give it the next job(s), or idle it."""
-        n = worker.in_flight
-        if worker.state in MARKS or worker.state is WorkerState.INVALID:
-            if not n:
+        n = len(worker._pending)  # this runs once per job: no property calls
+        state = worker.state
+        if state is not _READY and state is not _WORKING:
+            if (state in MARKS or state is WorkerState.INVALID) and not n:
                 self.retire(worker)
             return
         if n:
             if self._depth == 1 or not self._queue or not self._pipelinable(worker):
                 return
-        elif not self._usable(worker):
+        elif worker.retiring or worker._error is not None:
             return
         queue = self._queue
         room = self._depth - n
@@ -428,7 +432,7 @@ class Pool:
             room -= 1
             if self._depth > 1 and not self._pipelinable(worker):
                 break
-        if not worker.in_flight:
+        if not worker._pending:
             self._idle.append(worker)
 
     # -- workers ---------------------------------------------------------------

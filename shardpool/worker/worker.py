@@ -287,7 +287,7 @@ class Worker:
             and data[0] == _JOB_B0
             and self._garbage is None
             and self._pending
-            and not self._decoder.buffered
+            and not self._decoder._buf
         ):
             _, flags, size, crc, stream, _ = _HEADER.unpack_from(data)
             if (
