@@ -41,8 +41,8 @@ from shardpool.worker.worker import Job, Worker, check_payload, stream_chunks
 log = logging.getLogger("shardpool.pool")
 
 AUTO_MAX_DEPTH = 4  # pipeline_depth: auto writes up to this many jobs into one pipe
-AUTO_SLOW_FACTOR = 4.0  # ... but none behind a job running 4x longer than usual
-AUTO_SLOW_MIN = 0.0002  # seconds; below this, timer noise dominates
+AUTO_SLOW_FACTOR = 8.0  # ... but none behind a job running 8x longer than usual
+AUTO_SLOW_MIN = 0.001  # seconds; below this, scheduling hiccups dominate
 MAX_RETRIES = 10
 _READY = WorkerState.READY
 _WORKING = WorkerState.WORKING  # a job re-run after stop requests / unstarted failures, at most
@@ -143,6 +143,8 @@ class Pool:
         self._closing = False
         self._ttl = config.supervisor.exec_ttl or None
         self._auto = config.pipeline_depth == "auto"
+        self._slow = AUTO_SLOW_MIN
+        self._slow_calls = 0
         self._depth: int = AUTO_MAX_DEPTH if self._auto else int(config.pipeline_depth)
         self._supervisor = Supervisor(self)
         self._allocator = DynamicAllocator(self, config.dynamic_allocator)
@@ -398,8 +400,15 @@ class Pool:
         return not (worker.max_jobs and worker.jobs_done + worker.in_flight >= worker.max_jobs)
 
     def _slow_after(self) -> float:
-        """auto depth: a job running longer than this is treated as slow."""
-        return max(AUTO_SLOW_FACTOR * self._service_ewma(), AUTO_SLOW_MIN)
+        """auto depth: a job running longer than this is treated as slow.
+
+        Recomputed every 128 calls: it moves slowly, and this is the hot path.
+        """
+        self._slow_calls -= 1
+        if self._slow_calls <= 0:
+            self._slow_calls = 128
+            self._slow = max(AUTO_SLOW_FACTOR * self._service_ewma(), AUTO_SLOW_MIN)
+        return self._slow
 
     def _service_ewma(self) -> float:
         workers = self._workers
