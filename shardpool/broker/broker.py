@@ -105,7 +105,17 @@ class Broker:
         self.out_clients: dict[bytes, list[wire.Reply]] = {}
         self.out_shards: dict[bytes, list[wire.Job]] = {}
         self.control = ControlDesk(self)
-        self.stats = {"jobs_done": 0, "jobs_failed": 0, "bad_messages": 0, "shards_lost": 0}
+        self.stats = {
+            "jobs_done": 0,
+            "jobs_failed": 0,
+            "bad_messages": 0,
+            "shards_lost": 0,
+            # messages per hop, to see how well jobs and replies are batched
+            "client_messages_in": 0,
+            "client_messages_out": 0,
+            "shard_messages_in": 0,
+            "shard_messages_out": 0,
+        }
         self._next_iid = 1
         self._closing = False
         self._closing_since = 0.0
@@ -220,6 +230,7 @@ class Broker:
     # -- clients ---------------------------------------------------------------
 
     def _on_client(self, client: bytes, data: bytes) -> None:
+        self.stats["client_messages_in"] += 1
         try:
             message = wire.client_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -306,6 +317,7 @@ class Broker:
     # -- shards ----------------------------------------------------------------
 
     def _on_shard(self, ident: bytes, data: bytes) -> None:
+        self.stats["shard_messages_in"] += 1
         try:
             message = wire.shard_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -452,10 +464,12 @@ class Broker:
     def _flush(self) -> None:
         if self.out_shards:
             out, self.out_shards = self.out_shards, {}
+            self.stats["shard_messages_out"] += len(out)
             for ident, jobs in out.items():
                 self.backend.send_multipart([ident, wire.encode(wire.Submit(jobs=jobs))])
         if self.out_clients:
             out_c, self.out_clients = self.out_clients, {}
+            self.stats["client_messages_out"] += len(out_c)
             for client, replies in out_c.items():
                 try:
                     self.frontend.send_multipart(

@@ -31,7 +31,7 @@ log = logging.getLogger("shardpool.shard")
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 3  # the pool could not start: serve must not respawn forever
 _RECONNECT_MAX = 5.0
-FLUSH_DELAY = 0.0005  # longest a reply waits for company (uvloop rounds up to 1 ms)
+FLUSH_DELAY = 0.002  # longest a reply waits for company (uvloop timers tick in whole ms)
 
 
 def die_with_parent() -> None:
@@ -166,7 +166,8 @@ class Shard:
                 break
             self._on_message(data)
             sock = self._sock
-        self._flush()
+        # No flush here: the FD also fires after our own sends, and flushing
+        # on each of those sent every reply in a message of its own.
 
     def _send(self, message: Any) -> None:
         if self._sock is None:
