@@ -290,3 +290,15 @@ def test_rolling_reset_replaces_every_worker(service: Service) -> None:
         assert result == {"shard-0": "ok", "shard-1": "ok"}
         assert not before & after
         assert client.exec(b"echo:ok").body == b"ok"
+
+
+def test_jobs_and_replies_travel_in_batches_under_load(service: Service) -> None:
+    with Client(service.address, timeout=60) as client:
+        before = client.stats()
+        replies = list(client.map([b"echo:x"] * 4000, window=1024))
+        after = client.stats()
+    assert len(replies) == 4000
+    hops = {k: after[k] - before[k] for k in before if k.endswith(("_in", "_out"))}
+    # Each hop carries several jobs per ZeroMQ message, not one message per job.
+    for hop in ("client_messages_in", "shard_messages_out", "shard_messages_in"):
+        assert hops[hop] * 2 < 4000, hops
