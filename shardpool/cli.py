@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import uvloop
+import zmq
 
 from shardpool.config import DEFAULT_WORKER, pool_config
 from shardpool.errors import ShardpoolError
@@ -28,6 +29,10 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
     return value
+
+
+def _depth(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
 
 
 def _int_list(text: str) -> list[int]:
@@ -107,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", help="shard endpoint (default: a private ipc:// path)")
     serve.add_argument("--worker", help="PHP worker script (default: the bundled echo worker)")
     serve.add_argument("--command", help="full worker command, e.g. 'php app/worker.php'")
-    serve.add_argument("--pipeline-depth", help="jobs per worker pipe: 1 (default), N or auto")
+    serve.add_argument(
+        "--pipeline-depth", type=_depth, help="jobs per worker pipe: 1 (default), N or auto"
+    )
     serve.add_argument("--heartbeat", type=_positive_float, help="seconds between heartbeats")
     serve.add_argument(
         "--prefetch", type=int, help="jobs per worker a shard holds beyond those running (32)"
@@ -159,7 +166,6 @@ def _serve(args: argparse.Namespace) -> int:
     base: dict[str, Any] = {}
     if args.config:
         base = to_builtins(load_config(args.config))
-        base.pop("backend", None) if not _explicit_backend(args.config) else None
     pool = dict(base.pop("pool", {}) or {})
     if args.workers:
         pool["num_workers"] = args.workers
@@ -168,8 +174,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.command:
         pool["command"] = args.command
     if args.pipeline_depth:
-        depth = args.pipeline_depth
-        pool["pipeline_depth"] = depth if depth == "auto" else _positive_int(depth)
+        pool["pipeline_depth"] = args.pipeline_depth
     config = serve_config(
         base,
         shards=args.shards,
@@ -193,17 +198,9 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _explicit_backend(path: str) -> bool:
-    import yaml
-
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    return isinstance(data, dict) and "backend" in data
-
-
 def _shard(args: argparse.Namespace) -> int:
+    from shardpool.broker.local import pool_from_env
     from shardpool.config import load_config, pool_config, to_builtins
-    from shardpool.local_env import pool_from_env
     from shardpool.shard import Shard
     from shardpool.shard.shard import die_with_parent
 
@@ -337,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _client_command(args)
     except ShardpoolError as exc:
         print(f"shardpool: {exc}", file=sys.stderr)
+        return 1
+    except zmq.ZMQError as exc:  # e.g. an address already in use, or malformed
+        print(f"shardpool: ZeroMQ: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
