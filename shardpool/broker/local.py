@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 
-from shardpool.config import PoolConfig, to_json
+import msgspec
+
+from shardpool.config import PoolConfig, convert, to_json
 
 log = logging.getLogger("shardpool.broker")
 
@@ -18,6 +20,15 @@ BOOT_FAILURES_LIMIT = 3  # consecutive shards dying before their hello: give up
 RESTART_BACKOFF_START = 0.2
 RESTART_BACKOFF_MAX = 10.0
 CONFIG_ENV = "SHARDPOOL_POOL_CONFIG"
+
+
+def pool_from_env() -> PoolConfig | None:
+    """In a shard started by serve: the pool config serve handed down, if any."""
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        return None
+    result: PoolConfig = convert(msgspec.json.decode(text), PoolConfig, "pool config from serve")
+    return result
 
 
 class LocalShard:

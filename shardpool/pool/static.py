@@ -661,6 +661,3 @@ class Pool:
 
     def _all_workers(self) -> list[Worker]:
         return list(self._workers)
-
-    def _idle_since(self, worker: Worker) -> float:
-        return time.monotonic() - worker.last_used
