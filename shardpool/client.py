@@ -633,7 +633,31 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class AsyncClient:
+class _ClientBase:
+    """What both clients share: the address and the sans-IO core."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float | None = None,
+        curve: None = None,
+        *,
+        grace: float = GRACE,
+        heartbeat: float = HEARTBEAT,
+        max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        _check_curve(curve)
+        self.address = address
+        self._core = ClientCore(
+            timeout=timeout,
+            grace=grace,
+            heartbeat=heartbeat,
+            max_payload=max_payload,
+            peer=f"the broker at {address}",
+        )
+
+
+class AsyncClient(_ClientBase):
     """An asyncio client of a shardpool broker.
 
     >>> async with AsyncClient(timeout=30) as client:  # doctest: +SKIP
@@ -660,14 +684,8 @@ class AsyncClient:
         heartbeat: float = HEARTBEAT,
         max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
     ) -> None:
-        _check_curve(curve)
-        self.address = address
-        self._core = ClientCore(
-            timeout=timeout,
-            grace=grace,
-            heartbeat=heartbeat,
-            max_payload=max_payload,
-            peer=f"the broker at {address}",
+        super().__init__(
+            address, timeout, curve, grace=grace, heartbeat=heartbeat, max_payload=max_payload
         )
         self._conn: _Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -881,7 +899,7 @@ class AsyncClient:
 # -- blocking driver --------------------------------------------------------------
 
 
-class Client:
+class Client(_ClientBase):
     """A blocking client of a shardpool broker: the same core as :class:`AsyncClient`.
 
     >>> with Client("tcp://127.0.0.1:7400", timeout=30) as client:  # doctest: +SKIP
@@ -902,14 +920,8 @@ class Client:
         heartbeat: float = HEARTBEAT,
         max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
     ) -> None:
-        _check_curve(curve)
-        self.address = address
-        self._core = ClientCore(
-            timeout=timeout,
-            grace=grace,
-            heartbeat=heartbeat,
-            max_payload=max_payload,
-            peer=f"the broker at {address}",
+        super().__init__(
+            address, timeout, curve, grace=grace, heartbeat=heartbeat, max_payload=max_payload
         )
         self._conn: _Connection | None = _Connection(address)
         self._poller = zmq.Poller()
