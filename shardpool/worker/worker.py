@@ -445,7 +445,7 @@ class Worker:
             header = _HEADERS[key] = job_header(key[0], key[1], key[2])
         assert transport is not None
         if key[1] < _WRITE_JOIN_LIMIT:
-            transport.write(header + context + body)
+            transport.write(b"".join((header, context, body)))  # one allocation
         else:
             transport.writelines((header, context, body))
         job.worker = self
