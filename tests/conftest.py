@@ -161,3 +161,27 @@ def shard_processes() -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+POOL_WAIT = 5.0  # bound for a pool to settle after an event
+
+
+def pids(pool: Any) -> set[int]:
+    """The pids of a pool's workers."""
+    return {info.pid for info in pool.workers()}
+
+
+async def until(pool: Any, condition: Callable[[], bool], timeout: float = POOL_WAIT) -> None:
+    """Wait on the pool's change event (a worker spawned or gone) until ``condition``."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            assert pool._changed is not None
+            await pool._changed.wait()
+
+
+async def poll(condition: Callable[[], bool], timeout: float = POOL_WAIT) -> None:
+    """Bounded poll, only for what a pool signals nothing about (a process being
+    spawned, a supervisor mark)."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import async_test, php
+from conftest import async_test, php, pids, poll, until
 
 from shardpool import (
     ExecTTLError,
@@ -100,25 +100,6 @@ def occupancy(worker: Worker, of: Worker | None = None) -> list[int]:
 
     worker.on_free = on_free
     return seen
-
-
-def pids(pool: Pool) -> set[int]:
-    return {info.pid for info in pool.workers()}
-
-
-async def until(pool: Pool, condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Wait on the pool's change event (a worker spawned or gone) until ``condition``."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            assert pool._changed is not None
-            await pool._changed.wait()
-
-
-async def poll(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Bounded poll, only for changes the pool signals nothing about (supervisor marks)."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 def settled(pool: Pool, size: int, gone: set[int] = frozenset()) -> Callable[[], bool]:  # type: ignore[assignment]

@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import WORKERS, async_test, php
+from conftest import WORKERS, async_test, php, pids, poll, until
 
 from shardpool import (
     AllocateError,
@@ -57,25 +57,6 @@ def config(script: str = "commands.php", **options: Any) -> PoolConfig:
     options.setdefault("allocate_timeout", "10s")
     options.setdefault("destroy_timeout", "5s")
     return pool_config(command=php(script), **options)
-
-
-def pids(pool: Pool) -> set[int]:
-    return {info.pid for info in pool.workers()}
-
-
-async def until(pool: Pool, condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Wait on the pool's change event (a worker spawned or gone) until ``condition``."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            assert pool._changed is not None
-            await pool._changed.wait()
-
-
-async def poll(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Bounded poll, only for what the pool signals nothing about (a process being spawned)."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 async def one_loop_turn() -> None:
