@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +58,39 @@ def percentile(sorted_values: list[float], q: float) -> float:
 def run_from_latencies(done: int, elapsed: float, latencies: list[float]) -> Run:
     latencies.sort()
     return Run(done / elapsed, percentile(latencies, 0.5) * 1e6, percentile(latencies, 0.99) * 1e6)
+
+
+async def drive(call: Callable[[], Awaitable[object]], concurrency: int, duration: float) -> Run:
+    """``concurrency`` clients each awaiting ``call()`` in a loop: a warm-up,
+    then ``duration`` seconds measured (jobs/s, per-job latency)."""
+    latencies: list[float] = []
+    clock = time.perf_counter
+
+    async def client(until: float, record: bool) -> None:
+        while True:
+            start = clock()
+            if start >= until:
+                return
+            await call()
+            if record:
+                latencies.append(clock() - start)
+
+    warm = clock() + min(0.5, duration / 4)
+    await asyncio.gather(*(client(warm, False) for _ in range(concurrency)))
+    start = clock()
+    await asyncio.gather(*(client(start + duration, True) for _ in range(concurrency)))
+    return run_from_latencies(len(latencies), clock() - start, latencies)
+
+
+def series_row(label: list[str], series: Series, *ratios: float) -> list[str]:
+    """A table row: ``label`` cells, then jobs/s, p50, p99 and the given ratios."""
+    return [
+        *label,
+        f"{series.jobs_s:,.0f}",
+        f"{series.p50_us:.0f}",
+        f"{series.p99_us:.0f}",
+        *(f"{r:.2f}" for r in ratios),
+    ]
 
 
 def gbench_path() -> Path:

@@ -13,9 +13,7 @@ figure is given as a ratio of it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import random
-import time
 
 import uvloop
 from common import (
@@ -23,9 +21,9 @@ from common import (
     ROOT,
     Run,
     Series,
+    drive,
     limit_run,
     machine,
-    run_from_latencies,
     size_label,
     table,
 )
@@ -47,25 +45,11 @@ async def measure_pool(
     slow = Payload(b"sleep:50")
     rng = random.Random(7)
     async with Pool(config) as pool:
-        latencies: list[float] = []
-        clock = time.perf_counter
-
-        async def client(until: float, record: bool) -> None:
-            while True:
-                start = clock()
-                if start >= until:
-                    return
-                payload = slow if mixed and rng.random() < 0.01 else fast
-                await pool.exec(payload)
-                if record:
-                    latencies.append(clock() - start)
-
-        warm = clock() + min(0.5, duration / 4)
-        await asyncio.gather(*(client(warm, False) for _ in range(concurrency)))
-        start = clock()
-        await asyncio.gather(*(client(start + duration, True) for _ in range(concurrency)))
-        elapsed = clock() - start
-    return run_from_latencies(len(latencies), elapsed, latencies)
+        return await drive(
+            lambda: pool.exec(slow if mixed and rng.random() < 0.01 else fast),
+            concurrency,
+            duration,
+        )
 
 
 def ints(text: str) -> list[int]:

@@ -9,7 +9,6 @@ the in-process Pool and the C limit dispatcher (../shared/tools/limit).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import subprocess
@@ -22,9 +21,10 @@ from common import (
     ROOT,
     Run,
     Series,
+    drive,
     limit_run,
     machine,
-    run_from_latencies,
+    series_row,
     size_label,
     table,
 )
@@ -56,24 +56,7 @@ def start_service(shards: int, workers_per_shard: int, port: int) -> subprocess.
 async def measure_service(address: str, concurrency: int, size: int, duration: float) -> Run:
     body = b"x" * size
     async with AsyncClient(address, timeout=30) as client:
-        latencies: list[float] = []
-        clock = time.perf_counter
-
-        async def one(until: float, record: bool) -> None:
-            while True:
-                start = clock()
-                if start >= until:
-                    return
-                await client.exec(body)
-                if record:
-                    latencies.append(clock() - start)
-
-        warm = clock() + 0.5
-        await asyncio.gather(*(one(warm, False) for _ in range(concurrency)))
-        start = clock()
-        await asyncio.gather(*(one(start + duration, True) for _ in range(concurrency)))
-        elapsed = clock() - start
-    return run_from_latencies(len(latencies), elapsed, latencies)
+        return await drive(lambda: client.exec(body), concurrency, duration)
 
 
 def measure_map(address: str, size: int, duration: float, window: int) -> Run:
@@ -146,30 +129,16 @@ def main() -> None:
         ]
         for c, series in pools.items():
             block.append(
-                [
-                    size_label(size),
-                    series.name,
-                    str(c),
-                    f"{series.jobs_s:,.0f}",
-                    f"{series.p50_us:.0f}",
-                    f"{series.p99_us:.0f}",
-                    f"{series.jobs_s / limit.jobs_s:.2f}",
-                    "1.00",
-                ]
+                series_row(
+                    [size_label(size), series.name, str(c)],
+                    series,
+                    series.jobs_s / limit.jobs_s,
+                    1.0,
+                )
             )
         for (_s, c), series in services.items():
-            block.append(
-                [
-                    size_label(size),
-                    series.name,
-                    str(c),
-                    f"{series.jobs_s:,.0f}",
-                    f"{series.p50_us:.0f}",
-                    f"{series.p99_us:.0f}",
-                    f"{series.jobs_s / limit.jobs_s:.2f}",
-                    f"{series.jobs_s / pools[c].jobs_s:.2f}",
-                ]
-            )
+            ratios = (series.jobs_s / limit.jobs_s, series.jobs_s / pools[c].jobs_s)
+            block.append(series_row([size_label(size), series.name, str(c)], series, *ratios))
         for series in maps.values():
             best_pool = max(p.jobs_s for p in pools.values())
             block.append(
