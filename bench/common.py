@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from shardpool.benchmark.drive import drive as _drive
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -62,24 +62,9 @@ def run_from_latencies(done: int, elapsed: float, latencies: list[float]) -> Run
 
 async def drive(call: Callable[[], Awaitable[object]], concurrency: int, duration: float) -> Run:
     """``concurrency`` clients each awaiting ``call()`` in a loop: a warm-up,
-    then ``duration`` seconds measured (jobs/s, per-job latency)."""
-    latencies: list[float] = []
-    clock = time.perf_counter
-
-    async def client(until: float, record: bool) -> None:
-        while True:
-            start = clock()
-            if start >= until:
-                return
-            await call()
-            if record:
-                latencies.append(clock() - start)
-
-    warm = clock() + min(0.5, duration / 4)
-    await asyncio.gather(*(client(warm, False) for _ in range(concurrency)))
-    start = clock()
-    await asyncio.gather(*(client(start + duration, True) for _ in range(concurrency)))
-    return run_from_latencies(len(latencies), clock() - start, latencies)
+    then ``duration`` seconds measured (the load loop of ``shardpool bench``)."""
+    sample = await _drive(call, concurrency, duration)
+    return run_from_latencies(sample.done, sample.elapsed, sample.latencies)
 
 
 def series_row(label: list[str], series: Series, *ratios: float) -> list[str]:

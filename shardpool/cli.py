@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -15,10 +14,7 @@ from typing import Any
 import uvloop
 import zmq
 
-from shardpool.config import DEFAULT_WORKER, pool_config
 from shardpool.errors import ShardpoolError
-from shardpool.payload import Payload
-from shardpool.pool import Pool
 
 
 def _positive_int(text: str) -> int:
@@ -33,30 +29,6 @@ def _positive_int(text: str) -> int:
 
 def _depth(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
-
-
-def _int_list(text: str) -> list[int]:
-    return [_positive_int(part) for part in text.split(",") if part]
-
-
-def _size_list(text: str) -> list[int]:
-    sizes = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        scale = 1
-        for suffix, mult in (
-            ("kib", 1024),
-            ("kb", 1024),
-            ("k", 1024),
-            ("mib", 1 << 20),
-            ("m", 1 << 20),
-            ("b", 1),
-        ):
-            if part.endswith(suffix):
-                part, scale = part[: -len(suffix)], mult
-                break
-        sizes.append(_positive_int(part) * scale)
-    return sizes
 
 
 def _positive_float(text: str) -> float:
@@ -77,26 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
 
-    bench = sub.add_parser(
-        "bench",
-        help="measure jobs/s and latency on the bundled echo worker",
-        description="Run echo jobs through an in-process pool and print jobs/s and latency.",
-    )
-    bench.add_argument(
-        "--workers", type=_int_list, default=[2], help="workers, e.g. 1,2,4 (default 2)"
-    )
-    bench.add_argument(
-        "--concurrency",
-        type=_int_list,
-        default=[1, 16, 64],
-        help="jobs in flight (default 1,16,64)",
-    )
-    bench.add_argument("--size", type=_size_list, default=[16], help="body bytes, e.g. 16,1k,64k")
-    bench.add_argument("--duration", type=_positive_float, default=2.0, help="seconds per run")
-    bench.add_argument(
-        "--worker", default=str(DEFAULT_WORKER), help="PHP worker script (must echo)"
-    )
-    bench.add_argument("--quick", action="store_true", help="one short run per configuration")
+    from shardpool import benchmark
+
+    benchmark.register(sub)
 
     serve = sub.add_parser(
         "serve",
@@ -269,54 +224,6 @@ def _workers_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def _bench_one(
-    pool: Pool, concurrency: int, size: int, duration: float
-) -> tuple[int, float, list[float]]:
-    payload = Payload(b"x" * size)
-    latencies: list[float] = []
-    deadline = time.perf_counter() + duration
-    done = 0
-
-    async def client() -> None:
-        nonlocal done
-        clock = time.perf_counter
-        while True:
-            start = clock()
-            if start >= deadline:
-                return
-            await pool.exec(payload)
-            latencies.append(clock() - start)
-            done += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    return done, time.perf_counter() - start, latencies
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def _bench(args: argparse.Namespace) -> int:
-    duration = 0.5 if args.quick else args.duration
-    print(f"{'workers':>7} {'in flight':>9} {'size':>7} {'jobs/s':>9} {'p50 µs':>8} {'p99 µs':>8}")
-    for workers in args.workers:
-        async with Pool(pool_config(command=["php", args.worker], num_workers=workers)) as pool:
-            await _bench_one(pool, 4, 16, 0.2)  # warm-up
-            for size in args.size:
-                for concurrency in args.concurrency:
-                    done, elapsed, lat = await _bench_one(pool, concurrency, size, duration)
-                    print(
-                        f"{workers:>7} {concurrency:>9} {size:>7} {done / elapsed:>9.0f} "
-                        f"{_pct(lat, 0.5) * 1e6:>8.0f} {_pct(lat, 0.99) * 1e6:>8.0f}",
-                        flush=True,
-                    )
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -326,7 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.subcommand == "bench":
-            return uvloop.run(_bench(args))
+            from shardpool import benchmark
+
+            return benchmark.run(args)
         if args.subcommand == "serve":
             return _serve(args)
         if args.subcommand == "shard":
