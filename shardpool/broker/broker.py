@@ -116,7 +116,10 @@ class Broker:
             "shard_messages_in": 0,
             "shard_messages_out": 0,
         }
-        self._next_iid = 1
+        # Ids the broker gives jobs on shards start at the clock in ns, not 1: a shard
+        # that outlives a broker restart may still answer the old broker's jobs, and
+        # their ids must not match the new broker's (no broker issues one id per ns).
+        self._next_iid = time.time_ns()
         self._closing = False
         self._closing_since = 0.0
         self._done = False
