@@ -142,11 +142,11 @@ class Shard:
         )
         log.info("shard %s connected to %s (capacity %d)", self.name, self.connect, self.capacity)
 
-    def _close(self) -> None:
+    def _close(self, linger: int = 1000) -> None:
         if self._sock is not None:
             assert self._loop is not None and self._fd is not None
             self._loop.remove_reader(self._fd)
-            self._sock.close(linger=1000)
+            self._sock.close(linger=linger)
             self._sock = None
 
     @property
@@ -303,7 +303,10 @@ class Shard:
                     loop.time() - self._last_heard,
                     self._backoff,
                 )
-                self._close()
+                # linger 0: a closed socket that lingers would deliver its stale hello
+                # once the broker is back, and a second hello reads as a reconnection
+                # that fails every job the broker has just sent us.
+                self._close(linger=0)
                 await asyncio.sleep(self._backoff)
                 self._backoff = min(self._backoff * 2, _RECONNECT_MAX)
                 self._open()
