@@ -139,6 +139,7 @@ class Pool:
         self._target = 0 if config.debug else config.num_workers
         self._spawning = 0
         self._spawn_failures = 0
+        self._quick_deaths = 0  # workers in a row that died before finishing a job
         self._started = False
         self._closing = False
         self._ttl = config.supervisor.exec_ttl or None
@@ -480,6 +481,8 @@ class Pool:
             self._idle.remove(worker)
         if not worker.retiring and not self._closing:
             log.warning("worker pid %d is gone: %s", worker.pid, worker.error)
+        if not worker.retiring and not self._closing:
+            self._quick_deaths = 0 if worker.jobs_done else self._quick_deaths + 1
         self._notify()
         self._ensure()
 
@@ -495,8 +498,11 @@ class Pool:
             self._background(self._replace())
 
     async def _replace(self) -> None:
-        if self._spawn_failures:
-            delay = min(_BACKOFF_START * 2 ** (self._spawn_failures - 1), _BACKOFF_MAX)
+        # A worker that boots and then dies before finishing any job (flapping)
+        # counts like a failed start once every slot has done so: no tight respawn loop.
+        failures = max(self._spawn_failures, self._quick_deaths - self._target)
+        if failures > 0:
+            delay = min(_BACKOFF_START * 2 ** (failures - 1), _BACKOFF_MAX)
             self._spawning += 1  # hold the slot during the back-off
             try:
                 await asyncio.sleep(delay)
