@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--context", default="", help="the job context (text)")
         if name == "workers":
             cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    from shardpool import batch
+
+    batch.add_parser(sub)
     return parser
 
 
@@ -240,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.subcommand == "shard":
             return _shard(args)
+        if args.subcommand == "batch":
+            from shardpool import batch
+
+            return batch.run(args)
         return _client_command(args)
     except ShardpoolError as exc:
         print(f"shardpool: {exc}", file=sys.stderr)
