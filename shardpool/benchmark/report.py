@@ -125,7 +125,7 @@ class Report:
 
     def table(self, markdown: bool = False) -> Table:
         table = Table(box=box.MARKDOWN if markdown else box.SIMPLE_HEAD, pad_edge=markdown)
-        table.add_column("configuration", justify="left")
+        table.add_column("configuration", justify="left", no_wrap=True)
         for name in ("in flight", "body", "jobs/s", "p50 µs", "p99 µs", "max µs"):
             table.add_column(name, justify="right")
         for name in ("× limit", "× pool", "× php/job"):

@@ -60,7 +60,7 @@ class Step:
     @property
     def label(self) -> str:
         if self.kind is Kind.LIMIT:
-            return f"limit: blocking driver, {self.workers} PHP"
+            return f"limit, {self.workers} PHP"
         if self.kind is Kind.POOL:
             return f"in-process Pool, {self.workers} PHP"
         if self.kind is Kind.PER_JOB:
