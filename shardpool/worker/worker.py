@@ -341,6 +341,13 @@ class Worker:
         if self._garbage is not None:
             self._garbage_done()
             return
+        if self._decoder.buffered and self.process.returncode == 0:
+            # It exited on its own in the middle of a frame: show what it did write.
+            try:
+                self._decoder.eof()
+            except ProtocolError as exc:
+                self._finish(ProtocolError(f"{self.process.describe_exit()}: {exc}"))
+                return
         if self.state in (WorkerState.STOPPING, WorkerState.STOPPED) and not self._pending:
             self._finish(None)
         elif self.state is WorkerState.STOPPING:
