@@ -583,8 +583,11 @@ def run(args: argparse.Namespace) -> int:
             _execute(batch, args)
         except KeyboardInterrupt:  # before the run's own handler was in place
             batch.signal = signal.SIGINT
-        except (UnavailableError, ServiceStartError) as exc:
+        except UnavailableError as exc:
             batch.say(f"shardpool batch: {exc}")
+            return 1
+        except ServiceStartError as exc:
+            batch.say(f"shardpool batch: {_first_cause(str(exc))}")
             return 1
         except zmq.ZMQError as exc:
             batch.say(f"shardpool batch: ZeroMQ: {exc} (address {args.connect!r}?)")
@@ -614,6 +617,15 @@ def _execute(batch: Batch, args: argparse.Namespace) -> None:
         if progress is not None:
             progress.start()
         uvloop.run(batch.main(service.address, check=False))
+
+
+def _first_cause(text: str) -> str:
+    """One line from a failed service start: the headline and serve's first error."""
+    head, *log = text.splitlines()
+    for line in log:
+        if " ERROR " in line and ": " in line:
+            return f"{head.rstrip(':')}: {line.split(': ', 1)[1]}"
+    return head.rstrip(":") + (f": {log[-1]}" if log else "")
 
 
 def _report(batch: Batch, args: argparse.Namespace) -> int:

@@ -310,3 +310,19 @@ def test_unreachable_server_is_one_line_and_status_1(
     code, err = run_inline(capsys, str(jobs), "-o", os.devnull, "--connect", address)
     assert code == 1
     assert f"no shardpool server answered at {address}" in err and "Traceback" not in err
+
+
+def test_a_failed_service_start_is_told_in_one_line() -> None:
+    # The text ServiceStartError carries: a headline, then serve's log (a shard
+    # that cannot boot PHP restarts a few times first).
+    text = (
+        "the embedded service exited with status 1:\n"
+        "2026-11-27 12:29:23,278 ERROR shard-0 shardpool.shard: shard shard-0 cannot start "
+        "its pool: PHP could not find the worker script: Could not open input file: /x.php\n"
+        "2026-11-27 12:29:23,814 WARNING broker shardpool.broker: shard shard-0 exited\n"
+        "shard shard-0 failed at boot 3 times in a row; stopping\n"
+    )
+    assert batch._first_cause(text) == (
+        "the embedded service exited with status 1: shard shard-0 cannot start its pool: "
+        "PHP could not find the worker script: Could not open input file: /x.php"
+    )
