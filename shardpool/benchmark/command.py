@@ -44,8 +44,13 @@ Default sweep (about a minute on 2 CPUs): 1 and 2 shards (1 on a single
 CPU) with the same total of PHP workers, one per CPU; 1, 16 and 256 jobs in
 flight (one caller at a time, a busy web app, a backlog); 16-byte bodies
 (the dispatch cost, not copying); 4 s per run after a short warm-up. --quick
-runs the same sweep at 0.3 s per run, for a first look in a few seconds.
-Ctrl-C stops early and still prints (and writes) the results so far."""
+runs the same sweep at 0.3 s per run, for a first look in about ten seconds.
+Each configuration is measured once: on a busy machine, run it twice.
+
+--connect measures a running server instead (its own shards and workers;
+the baselines get as many PHP workers); the CPU columns are filled only
+when the server runs on this machine. Ctrl-C stops early and still prints
+(and writes) the results so far."""
 
 EXAMPLES = """\
 examples:
@@ -169,7 +174,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add("--worker", type=php_script, metavar="SCRIPT", help="a PHP worker that echoes its job")
     add("--json", type=output_file, metavar="FILE", help="write the results as JSON")
     add("--plot", type=plot_file, metavar="FILE.png", help="plot jobs/s and p99 latency")
-    add("--quick", action="store_true", help="the same sweep, 0.3 s per run: a few seconds")
+    add("--quick", action="store_true", help="the same sweep, 0.3 s per run")
     bench.set_defaults(bench_parser=bench)
 
 
