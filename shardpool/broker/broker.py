@@ -236,7 +236,8 @@ class Broker:
         self.stats["client_messages_in"] += 1
         try:
             message = wire.client_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            # UnicodeDecodeError: a msgpack str that is not UTF-8 (msgspec raises it as is)
             self._bad(client, 0, f"malformed message: {exc}")
             return
         if message.v != wire.VERSION:
