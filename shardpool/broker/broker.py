@@ -324,7 +324,7 @@ class Broker:
         self.stats["shard_messages_in"] += 1
         try:
             message = wire.shard_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             log.error("bad message from shard %r: %s", ident, exc)
             return
         now = time.monotonic()
