@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +38,17 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
     return value
+
+
+def _log_options(parser: argparse.ArgumentParser, default: str) -> None:
+    from shardpool.logs import FORMATS, LEVELS
+
+    parser.add_argument(
+        "--log-level", choices=LEVELS, help=f"least severe level logged (default {default})"
+    )
+    parser.add_argument(
+        "--log-format", choices=FORMATS, help="text (default) or json: one object per line"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--prefetch", type=int, help="jobs per worker a shard holds beyond those running (32)"
     )
+    serve.add_argument(
+        "--metrics",
+        metavar="ADDR",
+        help="serve Prometheus metrics at http://ADDR/metrics: PORT (on loopback) or HOST:PORT",
+    )
+    _log_options(serve, "info")
 
     shard = sub.add_parser(
         "shard",
@@ -93,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefetch", type=int, default=32, help="jobs per worker held beyond those running"
     )
     shard.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    _log_options(shard, "info")
 
     for name, text in (
         ("exec", "run one job on a running server and print the reply body"),
@@ -111,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--context", default="", help="the job context (text)")
         if name == "workers":
             cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+            cmd.add_argument(
+                "-w",
+                "--watch",
+                action="store_true",
+                help="a live view refreshed every second (Ctrl-C to leave)",
+            )
+            cmd.add_argument(
+                "--interval", type=_positive_float, default=1.0, help="seconds between refreshes"
+            )
     from shardpool import batch
 
     batch.add_parser(sub)
@@ -140,17 +166,19 @@ def _serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         heartbeat=args.heartbeat,
         prefetch=args.prefetch,
+        metrics=args.metrics,
         pool=pool,
     )
     broker = Broker(config)
     broker.bind()
     broker.install_signal_handlers()
     broker.start_local_shards(config.shards)
-    print(
-        f"shardpool serving on {broker.frontend_address} with {config.shards} shard(s) x "
-        f"{config.pool.num_workers} worker(s) of {' '.join(config.pool.argv)}",
-        file=sys.stderr,
-        flush=True,
+    logging.getLogger("shardpool.broker").info(
+        "serving on %s with %d shard(s) x %d worker(s) of %s",
+        broker.frontend_address,
+        config.shards,
+        config.pool.num_workers,
+        " ".join(config.pool.argv),
     )
     broker.run()
     return 0
@@ -195,11 +223,15 @@ def _client_command(args: argparse.Namespace) -> int:
             if sys.stdout.isatty():
                 sys.stdout.write("\n")
         elif args.subcommand == "workers":
+            from shardpool import top
+
+            if args.watch:
+                return top.watch(client, args.interval)
             data = client.workers()
             if args.json:
                 print(json.dumps(data, indent=2))
             else:
-                print(_workers_table(data))
+                top.print_workers(data)
         elif args.subcommand == "stats":
             print(json.dumps(client.stats(), indent=2))
         elif args.subcommand == "reset":
@@ -211,28 +243,17 @@ def _client_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _workers_table(data: dict[str, Any]) -> str:
-    head = ("shard", "pid", "state", "jobs", "in flight", "memory", "age")
-    lines = ["{:<12} {:>8} {:<18} {:>9} {:>9} {:>10} {:>8}".format(*head)]
-    now = time.time()
-    for shard, workers in sorted(data.items()):
-        if isinstance(workers, dict):  # the shard did not answer
-            lines.append(f"{shard:<12} {workers.get('error', '?')}")
-            continue
-        for w in workers:
-            lines.append(
-                f"{shard:<12} {w['pid']:>8} {w['state']:<18} {w['jobs']:>9} {w['in_flight']:>9} "
-                f"{w['memory'] / 1048576:>8.1f}MB {now - w['created_at']:>7.0f}s"
-            )
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    from shardpool import logs
+
+    label = {"serve": "broker", "shard": getattr(args, "name", None) or "shard"}
+    logs.setup(
+        label.get(args.subcommand, args.subcommand),
+        getattr(args, "log_level", None) or ("info" if args.verbose else None),
+        getattr(args, "log_format", None),
+        default_level="info" if args.subcommand in label else "warning",
     )
     try:
         if args.subcommand == "bench":

@@ -156,6 +156,8 @@ class ServeConfig(_Base):
     client_hwm: Annotated[int, msgspec.Meta(ge=1)] = 10_000  # replies queued per slow client
     control_timeout: Duration = Duration(10.0)
     drain_timeout: Duration = Duration(60.0)
+    # Prometheus endpoint: "" (off), "PORT" or "HOST:PORT" (host defaults to loopback).
+    metrics: str = ""
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
 
     def __post_init__(self) -> None:
@@ -169,6 +171,8 @@ class ServeConfig(_Base):
                 raise ValueError(f"{key} must be a tcp:// or ipc:// address, got {address!r}")
         if self.heartbeat <= 0:
             raise ValueError("heartbeat must be greater than 0")
+        if self.metrics:
+            metrics_address(self.metrics)  # raises ValueError naming what is wrong
 
     @property
     def max_message_size(self) -> int:
@@ -177,6 +181,19 @@ class ServeConfig(_Base):
 
 
 Config = ServeConfig
+
+
+def metrics_address(text: str) -> tuple[str, int]:
+    """``"9400"``, ``":9400"`` or ``"HOST:9400"`` -> (host, port); loopback by default."""
+    host, _, port_text = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"metrics must be PORT or HOST:PORT, got {text!r}") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"metrics port must be 1-65535, got {port}")
+    return host, port
 
 
 def _dec_hook(type_: type, obj: Any) -> Any:

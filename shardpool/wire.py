@@ -81,7 +81,9 @@ class Hello(_Msg, tag="hello"):
 
 
 class Heartbeat(_Msg, tag="hb"):
-    pass
+    """Liveness, both ways. From a shard it carries its pool's figures (see Pool.stats)."""
+
+    stats: Any = None
 
 
 class Bye(_Msg, tag="bye"):

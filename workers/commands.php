@@ -6,6 +6,7 @@
 //   stop        ask to be replaced         pid         reply the process id
 //   stream:N    N chunks, then "end"       mem:KB      leak KB KiB, reply memory_get_usage()
 //   print:TEXT  echo TEXT to STDOUT (corrupts the stream over pipes), then reply TEXT
+//   log:N       write N lines to STDERR, then reply "logged"
 //   anything else: echo the job (body and context)
 // stream:N honours context "ping" and SHARDPOOL_CHUNK_DELAY_MS like stream.php.
 
@@ -58,6 +59,12 @@ while ($job = $worker->waitPayload()) {
         case 'mem:':
             $leak[] = \str_repeat('x', \max(0, (int) $arg) * 1024);
             $worker->respond(new Payload((string) \memory_get_usage()));
+            break;
+        case 'log:':
+            for ($i = 0; $i < (int) $arg; $i++) {
+                \fwrite(\STDERR, "log line $i\n");
+            }
+            $worker->respond(new Payload('logged'));
             break;
         case 'print:':
             echo $arg;

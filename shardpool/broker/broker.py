@@ -26,6 +26,7 @@ import zmq
 from shardpool import wire
 from shardpool.broker.control import ControlDesk
 from shardpool.broker.local import BOOT_FAILURES_LIMIT, LocalShard
+from shardpool.broker.metrics import SNAPSHOT_INTERVAL, JobFigures, MetricsServer, figures
 from shardpool.config import ServeConfig
 from shardpool.errors import (
     BadRequestError,
@@ -50,10 +51,11 @@ class ServeError(ShardpoolError):
 class _Pending:
     """A job the broker accepted: who asked, and where it runs."""
 
-    __slots__ = ("body", "cid", "client", "ctx", "deadline", "iid", "shard", "stream")
+    __slots__ = ("body", "cid", "client", "ctx", "deadline", "iid", "shard", "stream", "t0")
 
-    def __init__(self, iid: int, client: bytes, job: wire.Job, deadline: float) -> None:
+    def __init__(self, iid: int, client: bytes, job: wire.Job, deadline: float, now: float) -> None:
         self.iid = iid
+        self.t0 = now
         self.client = client
         self.cid = job.id
         self.body = job.body
@@ -76,6 +78,7 @@ class ShardState:
         self.last_seen = now
         self.leaving = False
         self.jobs_done = 0
+        self.pool_stats: dict[str, Any] = {}  # the latest figures from its heartbeat
 
     @property
     def batch_min(self) -> int:
@@ -105,9 +108,10 @@ class Broker:
         self.out_clients: dict[bytes, list[wire.Reply]] = {}
         self.out_shards: dict[bytes, list[wire.Job]] = {}
         self.control = ControlDesk(self)
+        self.jobs = JobFigures()
+        self.metrics: MetricsServer | None = None
+        self._next_snapshot = 0.0
         self.stats = {
-            "jobs_done": 0,
-            "jobs_failed": 0,
             "bad_messages": 0,
             "shards_lost": 0,
             # messages per hop, to see how well jobs and replies are batched
@@ -144,6 +148,8 @@ class Broker:
         self.frontend_address = self.frontend.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.backend_address = self.backend.getsockopt(zmq.LAST_ENDPOINT).decode()
         log.info("broker: clients at %s, shards at %s", self.frontend_address, self.backend_address)
+        if self.config.metrics:
+            self.metrics = MetricsServer(self.config.metrics)
 
     def start_local_shards(self, count: int) -> None:
         for i in range(count):
@@ -274,10 +280,11 @@ class Broker:
                 f"{len(self.queue)} jobs are already waiting for a shard (max_queue_size)"
             )
         if error is not None:
-            self.stats["jobs_failed"] += 1
+            self.jobs.count(error.code.value)
             self.reply_error(client, job.id, error)
             return
-        pending = _Pending(self._next_iid, client, job, now + job.timeout if job.timeout else 0.0)
+        deadline = now + job.timeout if job.timeout else 0.0
+        pending = _Pending(self._next_iid, client, job, deadline, now)
         self._next_iid += 1
         if pending.deadline:
             self._deadlines += 1
@@ -337,6 +344,9 @@ class Broker:
         shard.last_seen = now
         if isinstance(message, wire.Replies):
             self._shard_replies(shard, message.replies)
+        elif isinstance(message, wire.Heartbeat):
+            if message.stats is not None:
+                shard.pool_stats = message.stats
         elif isinstance(message, wire.Bye):
             shard.leaving = True
             log.info("shard %s is leaving", shard.name)
@@ -356,10 +366,13 @@ class Broker:
             shard.pid,
             shard.host,
             shard.capacity,
+            extra={"event": "shard_joined", "shard": shard.name},
         )
 
     def _shard_replies(self, shard: ShardState, replies: list[wire.Reply]) -> None:
         in_flight = shard.in_flight
+        now = time.monotonic()
+        observe = self.jobs.observe
         for reply in replies:
             pending = in_flight.get(reply.id) if reply.more else in_flight.pop(reply.id, None)
             if pending is None:
@@ -367,10 +380,7 @@ class Broker:
                 continue
             if not reply.more:
                 shard.jobs_done += 1
-                if reply.code:
-                    self.stats["jobs_failed"] += 1
-                else:
-                    self.stats["jobs_done"] += 1
+                observe(reply.code, now - pending.t0)
             reply.id = pending.cid
             self.reply(pending.client, reply)
 
@@ -379,15 +389,17 @@ class Broker:
         if self.shards.get(shard.ident) is shard:
             del self.shards[shard.ident]
         self.stats["shards_lost"] += 1
-        if shard.in_flight:
-            log.warning(
-                "shard %s lost with %d jobs in flight: %s", shard.name, len(shard.in_flight), why
-            )
-        else:
-            log.warning("shard %s lost: %s", shard.name, why)
+        log.warning(
+            "shard %s lost with %d jobs in flight: %s",
+            shard.name,
+            len(shard.in_flight),
+            why,
+            extra={"event": "shard_lost", "shard": shard.name},
+        )
         error = ShardLostError(f"shard {shard.name} was lost while running the job: {why}")
+        now = time.monotonic()
         for pending in shard.in_flight.values():
-            self.stats["jobs_failed"] += 1
+            self.jobs.observe(error.code.value, now - pending.t0)
             self.reply_error(pending.client, pending.cid, error)
         shard.in_flight.clear()
         self.control.on_shard_lost(shard)
@@ -408,7 +420,12 @@ class Broker:
             self._begin_shutdown()
             return
         delay = local.schedule_restart()
-        log.warning("%s; restarting in %.1fs", local.describe_exit(code), delay)
+        log.warning(
+            "%s; restarting in %.1fs",
+            local.describe_exit(code),
+            delay,
+            extra={"event": "shard_restarting", "shard": local.name},
+        )
 
     def _send_shard(self, shard: ShardState, message: Any) -> None:
         self.backend.send_multipart([shard.ident, wire.encode(message)])
@@ -454,12 +471,11 @@ class Broker:
                 shards.remove(shard)
 
     def _expire(self, pending: _Pending) -> None:
-        self.stats["jobs_failed"] += 1
-        self.reply_error(
-            pending.client,
-            pending.cid,
-            JobTimeoutError("the job's deadline passed while it waited for a shard; it never ran"),
+        error = JobTimeoutError(
+            "the job's deadline passed while it waited for a shard; it never ran"
         )
+        self.jobs.observe(error.code.value, time.monotonic() - pending.t0)
+        self.reply_error(pending.client, pending.cid, error)
 
     def _forget_deadline(self, pending: _Pending) -> None:
         if pending.deadline:
@@ -502,6 +518,9 @@ class Broker:
         for local in self.local.values():
             if local.restart_at is not None and now >= local.restart_at and not self._closing:
                 local.spawn()
+        if self.metrics is not None and now >= self._next_snapshot:
+            self._next_snapshot = now + SNAPSHOT_INTERVAL
+            self.metrics.update(figures(self))
         if self._closing:
             self._shutdown_step(now)
 
@@ -550,6 +569,7 @@ class Broker:
             log.warning("drain timeout reached with jobs unfinished")
             error = UnavailableError("the service shut down before the job finished")
             for pending in self.queue:
+                self.jobs.observe(error.code.value, now - pending.t0)
                 self.reply_error(pending.client, pending.cid, error)
             self.queue.clear()
             for shard in list(self.shards.values()):
@@ -576,6 +596,8 @@ class Broker:
                 local._close_fds()
 
     def _close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         self.frontend.close(linger=100)
         self.backend.close(linger=100)
         for address in (self.config.frontend, self.config.backend):

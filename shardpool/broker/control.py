@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shardpool import wire
+from shardpool.broker.metrics import figures
 from shardpool.errors import BadRequestError, UnavailableError
 
 if TYPE_CHECKING:
@@ -67,21 +68,7 @@ class ControlDesk:
             broker.reply_error(client, message.id, error)
 
     def stats(self) -> dict[str, Any]:
-        broker = self.broker
-        return {
-            **broker.stats,
-            "queue": len(broker.queue),
-            "shards": {
-                s.name: {
-                    "in_flight": len(s.in_flight),
-                    "capacity": s.capacity,
-                    "jobs_done": s.jobs_done,
-                    "pid": s.pid,
-                    "host": s.host,
-                }
-                for s in broker.shards.values()
-            },
-        }
+        return figures(self.broker)
 
     def _gather(
         self,

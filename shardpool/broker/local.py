@@ -118,10 +118,15 @@ class LocalShard:
 
     def _emit(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip()
-        if line:
-            self.tail.append(line)
-            sys.stderr.write(f"[{self.name}] {line}\n")
-            sys.stderr.flush()
+        if not line:
+            return
+        self.tail.append(line)
+        if not _is_log_line(line):
+            # Not a log record (say, a traceback): label it, in the serve's format.
+            log.warning("shard %s: %s", self.name, line, extra={"shard": self.name})
+            return
+        sys.stderr.write(line + "\n")  # the shard logged it in our format and labelled it
+        sys.stderr.flush()
 
     def reap(self) -> int:
         """The pidfd fired: collect the exit status and close our descriptors."""
@@ -172,3 +177,10 @@ class LocalShard:
             how = f"exited with status {code}"
         tail = "\n".join(self.tail)
         return f"shard {self.name} (pid {self.pid}) {how}" + (f":\n{tail}" if tail else "")
+
+
+def _is_log_line(line: str) -> bool:
+    """A line a shard's logging wrote: a JSON object, or text starting with a timestamp."""
+    if line.startswith("{") and line.endswith("}"):
+        return True
+    return len(line) > 10 and line[:4].isdigit() and line[4] == "-" and line[7] == "-"

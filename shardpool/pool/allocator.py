@@ -61,5 +61,4 @@ class DynamicAllocator:
                 break
             self.extras -= 1
             pool._target -= 1
-            pool.retire(worker)
-            log.info("dynamic allocator: removed idle extra worker pid %d", worker.pid)
+            pool.retire(worker, reason="scaled_down")

@@ -34,6 +34,7 @@ from shardpool.errors import (
 from shardpool.ipc import factory_for
 from shardpool.payload import Payload
 from shardpool.pool.allocator import DynamicAllocator
+from shardpool.pool.lifecycle import REASON_BY_STATE, Lifecycle
 from shardpool.pool.supervisor import Supervisor, rss_bytes
 from shardpool.worker.state import MARKS, WorkerState
 from shardpool.worker.worker import Job, Worker, check_payload, stream_chunks
@@ -116,6 +117,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     in_flight: int
     created_at: float  # seconds since the epoch
     memory: int  # resident set size, bytes
+    busy_for: float = 0.0  # seconds the job now at the head of its pipe has run; 0 when idle
 
 
 class Pool:
@@ -148,6 +150,7 @@ class Pool:
         self._slow_calls = 0
         self._depth: int = AUTO_MAX_DEPTH if self._auto else int(config.pipeline_depth)
         self._supervisor = Supervisor(self)
+        self.lifecycle = Lifecycle()
         self._allocator = DynamicAllocator(self, config.dynamic_allocator)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed: asyncio.Event | None = None
@@ -464,6 +467,7 @@ class Pool:
         worker.on_free = self._on_free
         worker.on_done(self._on_worker_done)
         self._workers.append(worker)
+        self.lifecycle.spawned_worker(worker)
         self._spawn_failures = 0
         if self._active() > self._target:
             # remove_worker() ran while this one was starting: it goes at once.
@@ -479,8 +483,7 @@ class Pool:
             self._workers.remove(worker)
         with contextlib.suppress(ValueError):
             self._idle.remove(worker)
-        if not worker.retiring and not self._closing:
-            log.warning("worker pid %d is gone: %s", worker.pid, worker.error)
+        self.lifecycle.ended_worker(worker, self._closing)
         if not worker.retiring and not self._closing:
             self._quick_deaths = 0 if worker.jobs_done else self._quick_deaths + 1
         self._notify()
@@ -519,10 +522,14 @@ class Pool:
             log.error("cannot replace a worker (attempt %d): %s", self._spawn_failures, exc)
             self._ensure()
 
-    def retire(self, worker: Worker, timeout: float | None = None) -> None:
-        """Replace ``worker``: it takes no new jobs, finishes its own, then stops."""
+    def retire(self, worker: Worker, timeout: float | None = None, reason: str = "") -> None:
+        """Replace ``worker``: it takes no new jobs, finishes its own, then stops.
+
+        ``reason`` is logged and counted; by default the soft limit it reached.
+        """
         if worker.retiring:
             return
+        worker.set_end_reason(reason or REASON_BY_STATE.get(worker.state, "removed"))
         worker.retiring = True
         with contextlib.suppress(ValueError):
             self._idle.remove(worker)
@@ -555,6 +562,7 @@ class Pool:
         self._check_open()
         old = [w for w in self._workers if not w.retiring]
         for worker in old:
+            worker.set_end_reason("reset")
             worker.retiring = True
             with contextlib.suppress(ValueError):
                 self._idle.remove(worker)
@@ -585,6 +593,7 @@ class Pool:
         idle = [w for w in candidates if w.in_flight == 0]
         if idle or candidates:
             victim = (idle or candidates)[-1]
+            victim.set_end_reason("removed")
             victim.retiring = True
             with contextlib.suppress(ValueError):
                 self._idle.remove(victim)
@@ -643,6 +652,7 @@ class Pool:
 
     def workers(self) -> list[WorkerInfo]:
         """One record per worker: pid, state, jobs done, created at, resident memory."""
+        now = time.monotonic()
         return [
             WorkerInfo(
                 pid=w.pid,
@@ -651,9 +661,24 @@ class Pool:
                 in_flight=w.in_flight,
                 created_at=w.created_at,
                 memory=rss_bytes(w.pid),
+                busy_for=round(now - w.head_since, 6) if w.in_flight else 0.0,
             )
             for w in self._workers
         ]
+
+    def stats(self) -> dict[str, Any]:
+        """Figures for metrics: workers by state, their memory, restarts by reason."""
+        workers = self.workers()
+        by_state: collections.Counter[str] = collections.Counter(w.state for w in workers)
+        return {
+            "queue": len(self._queue),
+            "workers": len(workers),
+            "workers_by_state": dict(by_state),
+            "worker_memory": {str(w.pid): w.memory for w in workers},
+            "worker_jobs": sum(w.jobs for w in workers),
+            "spawned": self.lifecycle.spawned,
+            "restarts": self.lifecycle.restarts,
+        }
 
     @property
     def queue_size(self) -> int:

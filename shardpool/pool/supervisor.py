@@ -69,7 +69,7 @@ class Supervisor:
             if mark is None:
                 continue
             if worker._try_transition(mark):
-                log.info("worker pid %d: %s", worker.pid, mark.value)
+                log.debug("worker pid %d: %s", worker.pid, mark.value)
             if worker.in_flight == 0:
                 self.pool.retire(worker)
         self.pool._allocator.tick()

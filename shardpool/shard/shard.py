@@ -276,12 +276,20 @@ class Shard:
                 await self.pool.reset()
                 data = "ok"
             elif message.cmd == "stats":
-                data = {"queue": self.pool.queue_size, "in_flight": self._in_flight}
+                data = self._figures()
             else:
                 data = None
             self._queue(wire.Reply(message.id, data=data))
         except ShardpoolError as exc:
             self._queue(wire.Reply(message.id, code=exc.code.value, error=str(exc)))
+
+    def _figures(self) -> dict[str, Any]:
+        """The pool's figures for the broker's stats and metrics."""
+        try:
+            return {**self.pool.stats(), "shard_in_flight": self._in_flight}
+        except Exception:  # figures are best effort; never let them stop heartbeats
+            log.exception("shard %s: cannot gather pool figures", self.name)
+            return {}
 
     # -- liveness --------------------------------------------------------------
 
@@ -295,7 +303,7 @@ class Shard:
                 )
                 self.stop()
                 return
-            self._send(wire.Heartbeat())
+            self._send(wire.Heartbeat(stats=self._figures()))
             if loop.time() - self._last_heard > self.heartbeat * self.liveness:
                 log.warning(
                     "shard %s: no word from the broker for %.1fs; reconnecting in %.1fs",

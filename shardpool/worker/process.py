@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 from shardpool.errors import AllocateError
@@ -22,6 +23,10 @@ log = logging.getLogger("shardpool.worker")
 
 STDERR_TAIL_LINES = 20
 _MAX_LINE = 8192
+# A runaway worker must not flood the log: per worker, lines beyond a burst
+# of LOG_BURST are let through at LOG_RATE per second, the rest counted.
+LOG_RATE = 100.0
+LOG_BURST = 500.0
 
 
 class LineLogger(asyncio.Protocol):
@@ -33,6 +38,9 @@ class LineLogger(asyncio.Protocol):
         self.tail = tail
         self._partial = b""
         self.closed = asyncio.get_running_loop().create_future()
+        self._tokens = LOG_BURST
+        self._refilled = time.monotonic()
+        self._dropped = 0
 
     def data_received(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
@@ -48,12 +56,37 @@ class LineLogger(asyncio.Protocol):
         if not line:
             return
         self.tail.append(line if self.stream == "stderr" else f"[{self.stream}] {line}")
-        log.info("[php %d %s] %s", self.pid, self.stream, line)
+        if self._allow():
+            log.info("[php %d %s] %s", self.pid, self.stream, line, extra={"worker_pid": self.pid})
+
+    def _allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(LOG_BURST, self._tokens + (now - self._refilled) * LOG_RATE)
+        self._refilled = now
+        if self._tokens < 1.0:
+            self._dropped += 1
+            return False
+        self._tokens -= 1.0
+        self._report_dropped()
+        return True
+
+    def _report_dropped(self) -> None:
+        if self._dropped:
+            log.warning(
+                "worker pid %d: %d %s lines not logged (more than %g lines/s)",
+                self.pid,
+                self._dropped,
+                self.stream.upper(),
+                LOG_RATE,
+                extra={"worker_pid": self.pid},
+            )
+            self._dropped = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._partial:
             self._emit(self._partial)
             self._partial = b""
+        self._report_dropped()
         if not self.closed.done():
             self.closed.set_result(None)
 

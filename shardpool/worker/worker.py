@@ -185,6 +185,9 @@ class Worker:
         #: average of job service times (for auto pipelining).
         self.head_since = 0.0
         self.service_ewma = 0.0
+        #: Why this worker ends (the first cause wins): "max_jobs", "exec_ttl",
+        #: "stop_request", "crashed", ... (see shardpool.pool.lifecycle).
+        self.end_reason: str | None = None
         process.add_exit_callback(self._process_exited)
 
     # -- state ---------------------------------------------------------------
@@ -193,6 +196,10 @@ class Worker:
         if new is not self.state:
             check_transition(self.state, new)
             self.state = new
+
+    def set_end_reason(self, reason: str) -> None:
+        if self.end_reason is None:
+            self.end_reason = reason
 
     def _try_transition(self, new: WorkerState) -> bool:
         """Change state if the table allows it (for events that may race an ending)."""
@@ -358,14 +365,17 @@ class Worker:
             # still in flight fail, but the worker did not crash.
             self._finish(WorkerCrashedError(self.process.describe_exit()), WorkerState.STOPPED)
         elif self.state is WorkerState.INACTIVE:
+            self.set_end_reason("boot_failed")
             self._finish(AllocateError(f"worker failed at boot: {self.process.describe_exit()}"))
         else:
+            self.set_end_reason("crashed")
             self._finish(WorkerCrashedError(self.process.describe_exit()))
 
     # -- STDOUT garbage --------------------------------------------------------
 
     def _start_garbage(self) -> None:
         self._garbage = bytearray(self._decoder.bad_bytes[:_GARBAGE_MAX])
+        self.set_end_reason("stdout_garbage")
         self._try_transition(WorkerState.INVALID)
         self.loop.call_later(_GARBAGE_WINDOW, self._garbage_done)
 
@@ -418,6 +428,7 @@ class Worker:
             log.warning(
                 "worker pid %d did not end a cancelled stream in %gs", self.pid, stream_timeout
             )
+            self.set_end_reason("stream_timeout")
             self._finish_job(
                 job,
                 StreamTimeoutError(
@@ -540,6 +551,7 @@ class Worker:
             ):
                 self.state = WorkerState.MAX_JOBS_REACHED
         if isinstance(reply, WorkerStoppedError):
+            self.set_end_reason("stop_request")
             self._try_transition(WorkerState.INVALID)
         if not done:
             if job.chunks is not None and not isinstance(reply, BaseException):
@@ -623,6 +635,7 @@ class Worker:
         if job.future.done() or self._error is not None:
             return
         self._try_transition(WorkerState.EXEC_TTL_REACHED)
+        self.set_end_reason("exec_ttl")
         self._finish_job(
             job,
             ExecTTLError(
@@ -633,6 +646,7 @@ class Worker:
         self.kill()
 
     def _protocol_violation(self, what: str) -> None:
+        self.set_end_reason("protocol_error")
         self._try_transition(WorkerState.INVALID)
         self._finish(ProtocolError(f"worker pid {self.pid} {what}"))
         self.kill()
@@ -694,8 +708,11 @@ class Worker:
         Sends the stop command; kills the worker if it has not exited within
         ``timeout`` seconds.
         """
-        if self.process.returncode is None and self._error is None:
-            self.transition(WorkerState.STOPPING)
+        if (
+            self.process.returncode is None
+            and self._error is None
+            and self._try_transition(WorkerState.STOPPING)  # not one being killed (exec TTL)
+        ):
             self._write(STOP_COMMAND)
         try:
             await asyncio.wait_for(asyncio.shield(self.process.exited), timeout)
