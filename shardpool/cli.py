@@ -40,6 +40,47 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _option(text: str) -> tuple[list[str], Any]:
+    """``-o KEY=VALUE``: a dotted config key and a YAML scalar (``pool.max_jobs=100``)."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    path = [part.strip() for part in key.split(".")]
+    if not sep or not all(path):
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE such as pool.max_jobs=100, got {text!r}"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _apply_options(data: dict[str, Any], options: list[tuple[list[str], Any]]) -> None:
+    """Set each ``-o`` option into config data; the config checks keys and values."""
+    for path, value in options:
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[path[-1]] = value
+
+
+def _add_option_flag(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "-o",
+        "--option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"set any config key, repeatable; dotted for sections, e.g. {example}",
+    )
+
+
 def _log_options(parser: argparse.ArgumentParser, default: str) -> None:
     from shardpool.logs import FORMATS, LEVELS
 
@@ -89,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="serve Prometheus metrics at http://ADDR/metrics: PORT (on loopback) or HOST:PORT",
     )
+    _add_option_flag(serve, "-o pool.max_jobs=100 -o pool.supervisor.exec_ttl=30s")
     _log_options(serve, "info")
 
     shard = sub.add_parser(
@@ -109,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefetch", type=int, default=32, help="jobs per worker held beyond those running"
     )
     shard.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    _add_option_flag(shard, "-o max_jobs=100 -o supervisor.exec_ttl=30s (pool keys)")
     _log_options(shard, "info")
 
     for name, text in (
@@ -150,6 +193,7 @@ def _serve(args: argparse.Namespace) -> int:
     base: dict[str, Any] = {}
     if args.config:
         base = to_builtins(load_config(args.config))
+    _apply_options(base, args.option)
     pool = dict(base.pop("pool", {}) or {})
     if args.workers:
         pool["num_workers"] = args.workers
@@ -195,6 +239,7 @@ def _shard(args: argparse.Namespace) -> int:
     config = pool_from_env()
     if config is None:
         data = to_builtins(load_config(args.config).pool) if args.config else {}
+        _apply_options(data, [(p[1:] if p[0] == "pool" else p, v) for p, v in args.option])
         if args.workers:
             data["num_workers"] = args.workers
         if args.worker:

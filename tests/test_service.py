@@ -239,6 +239,35 @@ def test_shard_that_cannot_boot_makes_serve_exit_with_the_cause(tmp_path: Path) 
     assert "failed at boot" in output
 
 
+def test_any_config_key_can_be_set_with_a_flag(tmp_path: Path) -> None:
+    svc = Service(
+        tmp_path, "--shards", "1", "-o", "pool.num_workers=3", "-o", "pool.supervisor.ttl=1h",
+        "-o", "max_queue_size=5",
+    )  # fmt: skip
+    try:
+        with Client(svc.address, timeout=10) as client:
+            assert [len(ws) for ws in client.workers().values()] == [3]
+    finally:
+        assert svc.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [
+        ("pool.max_jobz=3", "max_jobz"),
+        ("pool.max_jobs=-1", "pool.max_jobs"),
+        ("nokey", "KEY=VALUE"),
+    ],
+)
+def test_a_bad_config_flag_is_refused_naming_the_key(option: str, named: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "shardpool", "serve", "-o", option],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert named in result.stderr and "Traceback" not in result.stderr
+
+
 def test_exec_command_prints_the_reply(service: Service) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "shardpool", "exec", "--connect", service.address, "echo:hi there"],
