@@ -13,7 +13,7 @@ from typing import Any
 import uvloop
 import zmq
 
-from shardpool.errors import ShardpoolError
+from shardpool.errors import ConfigError, ShardpoolError
 
 
 def _positive_int(text: str) -> int:
@@ -79,6 +79,25 @@ def _add_option_flag(parser: argparse.ArgumentParser, example: str) -> None:
         metavar="KEY=VALUE",
         help=f"set any config key, repeatable; dotted for sections, e.g. {example}",
     )
+
+
+def _curve_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--curve-server", metavar="FILE", help="CURVE: the broker's public key file (.key)"
+    )
+    parser.add_argument(
+        "--curve-key", metavar="FILE", help="CURVE: our own secret key file (.key_secret)"
+    )
+
+
+def _curve_keys(args: argparse.Namespace) -> Any:
+    from shardpool import curve
+
+    if bool(args.curve_server) != bool(args.curve_key):
+        raise ConfigError("CURVE needs both --curve-server and --curve-key")
+    if args.curve_server:
+        return curve.client_keys(args.curve_server, args.curve_key)
+    return curve.from_env()
 
 
 def _log_options(parser: argparse.ArgumentParser, default: str) -> None:
@@ -152,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     _add_option_flag(shard, "-o max_jobs=100 -o supervisor.exec_ttl=30s (pool keys)")
+    _curve_options(shard)
     _log_options(shard, "info")
 
     for name, text in (
@@ -166,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--connect", default="tcp://127.0.0.1:7400", help="the server (default %(default)s)"
         )
         cmd.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds to wait")
+        _curve_options(cmd)
         if name == "exec":
             cmd.add_argument("body", help="the job body (text), or - to read it from stdin")
             cmd.add_argument("--context", default="", help="the job context (text)")
@@ -180,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--interval", type=_positive_float, default=1.0, help="seconds between refreshes"
             )
+    keys = sub.add_parser(
+        "keys",
+        help="make a CURVE key pair (for serve, shards and clients)",
+        description="Write NAME.key (public: hand it out) and NAME.key_secret (keep it) "
+        "into DIR, for the curve: section of serve's config and --curve-* options.",
+    )
+    keys.add_argument("dir", metavar="DIR", help="where to write the key files")
+    keys.add_argument("name", metavar="NAME", help="whose keys: server, a client or shard name")
+
     from shardpool import batch
 
     batch.add_parser(sub)
@@ -253,14 +283,27 @@ def _shard(args: argparse.Namespace) -> int:
         liveness=args.liveness,
         parent_pid=args.parent_pid,
         prefetch=max(0, args.prefetch),
+        curve=_curve_keys(args),
     )
     return uvloop.run(shard.run())
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from shardpool import curve
+
+    try:
+        public, secret = curve.generate(args.dir, args.name)
+    except OSError as exc:
+        raise ConfigError(f"cannot write keys into {args.dir}: {exc.strerror}") from None
+    print(f"public key: {public}  (give it to the other side)")
+    print(f"secret key: {secret}  (keep it; owner-only)")
+    return 0
 
 
 def _client_command(args: argparse.Namespace) -> int:
     from shardpool.client import Client
 
-    with Client(args.connect, timeout=args.timeout) as client:
+    with Client(args.connect, timeout=args.timeout, curve=_curve_keys(args)) as client:
         if args.subcommand == "exec":
             body = sys.stdin.buffer.read() if args.body == "-" else args.body.encode()
             reply = client.exec(body, context=args.context.encode(), timeout=args.timeout)
@@ -309,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.subcommand == "shard":
             return _shard(args)
+        if args.subcommand == "keys":
+            return _keys(args)
         if args.subcommand == "batch":
             from shardpool import batch
 

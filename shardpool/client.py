@@ -38,6 +38,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from shardpool import wire
+from shardpool.curve import CurveKeys, client_keys, secure_client
 from shardpool.errors import (
     BadRequestError,
     ConfigError,
@@ -62,6 +63,7 @@ _EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 _NOBLOCK = int(zmq.NOBLOCK)
 
 Body = bytes | Payload
+Curve = CurveKeys | tuple[str, str] | None
 Waker = Callable[[], None]
 
 
@@ -549,11 +551,16 @@ class MapWindow:
             self._core.cancel(self._pending.popleft())
 
 
-def _check_curve(curve: object) -> None:
-    if curve is not None:
-        raise ConfigError(
-            "CURVE authentication is not supported by the client yet; pass curve=None"
-        )
+def _curve_keys(curve: Curve) -> CurveKeys | None:
+    """``curve`` as keys: None, CurveKeys, or (server public key file, own secret key file)."""
+    if curve is None or isinstance(curve, CurveKeys):
+        return curve
+    if isinstance(curve, tuple) and len(curve) == 2:
+        return client_keys(*curve)
+    raise ConfigError(
+        "curve must be (server public key file, own secret key file) or CurveKeys, "
+        f"got {type(curve).__name__}"
+    )
 
 
 def _as_map(data: Any, cmd: str) -> dict[str, Any]:
@@ -568,9 +575,11 @@ def _as_map(data: Any, cmd: str) -> dict[str, Any]:
 class _Connection:
     """One DEALER socket to the broker, and a monitor that reports disconnections."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, curve: CurveKeys | None = None) -> None:
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, LINGER_MS)
+        if curve is not None:
+            secure_client(sock, curve)
         # The broker drops replies to a client whose queue is full. Replies only
         # come for requests we made, so let them all in rather than lose any.
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -640,14 +649,14 @@ class _ClientBase:
         self,
         address: str = DEFAULT_ADDRESS,
         timeout: float | None = None,
-        curve: None = None,
+        curve: Curve = None,
         *,
         grace: float = GRACE,
         heartbeat: float = HEARTBEAT,
         max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
     ) -> None:
-        _check_curve(curve)
         self.address = address
+        self._curve = _curve_keys(curve)
         self._core = ClientCore(
             timeout=timeout,
             grace=grace,
@@ -678,7 +687,7 @@ class AsyncClient(_ClientBase):
         self,
         address: str = DEFAULT_ADDRESS,
         timeout: float | None = None,
-        curve: None = None,
+        curve: Curve = None,
         *,
         grace: float = GRACE,
         heartbeat: float = HEARTBEAT,
@@ -834,7 +843,7 @@ class AsyncClient(_ClientBase):
             return self._conn
         if self._core.closed:
             raise UnavailableError("the client is closed")
-        conn = _Connection(self.address)
+        conn = _Connection(self.address, self._curve)
         self._loop, self._conn = loop, conn
         for fd in conn.fds:
             loop.add_reader(fd, self._service)
@@ -914,7 +923,7 @@ class Client(_ClientBase):
         self,
         address: str = DEFAULT_ADDRESS,
         timeout: float | None = None,
-        curve: None = None,
+        curve: Curve = None,
         *,
         grace: float = GRACE,
         heartbeat: float = HEARTBEAT,
@@ -923,7 +932,7 @@ class Client(_ClientBase):
         super().__init__(
             address, timeout, curve, grace=grace, heartbeat=heartbeat, max_payload=max_payload
         )
-        self._conn: _Connection | None = _Connection(address)
+        self._conn: _Connection | None = _Connection(address, self._curve)
         self._poller = zmq.Poller()
         self._poller.register(self._conn.sock, zmq.POLLIN)
         self._poller.register(self._conn.monitor, zmq.POLLIN)

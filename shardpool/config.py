@@ -136,6 +136,27 @@ def default_backend() -> str:
     return f"ipc://{tempfile.gettempdir()}/shardpool-{os.getuid()}/backend-{os.getpid()}"
 
 
+class CurveConfig(_Base):
+    """CURVE on the broker's endpoints (``shardpool keys`` makes the key files).
+
+    ``server_key``: the broker's ``.key_secret`` file. ``clients`` / ``shards``:
+    a directory of allowed public keys (``*.key``), or one key file; an endpoint
+    whose list is empty runs without CURVE.
+    """
+
+    server_key: str
+    clients: str = ""
+    shards: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("server_key", "clients", "shards"):
+            path = getattr(self, key)
+            if path and not os.path.exists(path):
+                raise ValueError(f"{key} names no file or directory: {path}")
+        if not (self.clients or self.shards):
+            raise ValueError("give clients or shards (allowed public keys), or drop curve")
+
+
 class ServeConfig(_Base):
     """``shardpool serve``: the broker, its shards, and the ``pool:`` each shard runs.
 
@@ -158,6 +179,7 @@ class ServeConfig(_Base):
     drain_timeout: Duration = Duration(60.0)
     # Prometheus endpoint: "" (off), "PORT" or "HOST:PORT" (host defaults to loopback).
     metrics: str = ""
+    curve: CurveConfig | None = None
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
 
     def __post_init__(self) -> None:

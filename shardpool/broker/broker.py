@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
@@ -22,8 +23,9 @@ from typing import Any
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from shardpool import wire
+from shardpool import curve, wire
 from shardpool.broker.control import ControlDesk
 from shardpool.broker.local import BOOT_FAILURES_LIMIT, LocalShard
 from shardpool.broker.metrics import SNAPSHOT_INTERVAL, JobFigures, MetricsServer, figures
@@ -131,13 +133,42 @@ class Broker:
         self._last_beat = 0.0
         self._deadlines = 0  # queued jobs that carry a deadline
         self._next_expiry_scan = 0.0
+        self.gatekeeper: curve.Gatekeeper | None = None
+        self._local_curve: str | None = None
+        self._monitors: list[zmq.Socket[bytes]] = []
+        self._handshake_failures = 0
+        self._handshake_logged = -math.inf
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
 
     # -- set-up ----------------------------------------------------------------
 
+    def _secure(self) -> None:
+        """CURVE on the endpoints that have allowed keys (config ``curve``)."""
+        conf = self.config.curve
+        if conf is None:
+            return
+        public, secret = curve.load_secret(conf.server_key, "curve.server_key")
+        self.gatekeeper = curve.Gatekeeper(self.ctx)
+        if conf.clients:
+            keys = curve.allowed_keys(conf.clients, "curve.clients")
+            self.gatekeeper.allow(curve.CLIENTS, keys, "client")
+            curve.secure_server(self.frontend, secret, curve.CLIENTS)
+        if conf.shards:
+            keys = curve.allowed_keys(conf.shards, "curve.shards")
+            local_public, local_secret = zmq.curve_keypair()  # for the shards we start
+            self.gatekeeper.allow(curve.SHARDS, keys | {local_public}, "shard")
+            curve.secure_server(self.backend, secret, curve.SHARDS)
+            self._local_curve = curve.to_env(curve.CurveKeys(public, local_public, local_secret))
+        for sock in (self.frontend, self.backend):
+            if sock.curve_server:
+                monitor = curve.watch_handshakes(sock)
+                if monitor is not None:
+                    self._monitors.append(monitor)
+
     def bind(self) -> None:
+        self._secure()
         for sock, address in (
             (self.frontend, self.config.frontend),
             (self.backend, self.config.backend),
@@ -160,6 +191,7 @@ class Broker:
                 self.config.heartbeat,
                 self.config.liveness,
                 self.config.prefetch,
+                curve=self._local_curve,
             )
             shard.spawn()
             self.local[shard.name] = shard
@@ -177,6 +209,8 @@ class Broker:
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        for monitor in self._monitors:
+            poller.register(monitor, zmq.POLLIN)
         watched: dict[int, tuple[LocalShard, str]] = {}
         while not self._done:
             watched = self._watch_local(poller, watched)
@@ -187,6 +221,9 @@ class Broker:
                 self._drain(self.frontend, self._on_client)
             if self._wake_r in events:
                 self._on_signal()
+            for monitor in self._monitors:
+                if monitor in events:
+                    self._on_monitor(monitor)
             for fd, (shard, kind) in watched.items():
                 if fd in events:
                     if kind == "stderr":
@@ -235,6 +272,32 @@ class Broker:
                 self.stats["bad_messages"] += 1  # not two frames: no way to know who sent it
                 continue
             handle(ident, data)
+
+    def _on_monitor(self, monitor: zmq.Socket[bytes]) -> None:
+        """A peer failed the CURVE handshake: count it, log it (at most once a minute)."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            text = curve.handshake_failure(event)
+            if text is None:
+                continue
+            self._handshake_failures += 1
+            now = time.monotonic()
+            if now - self._handshake_logged >= 60.0:
+                self._handshake_logged = now
+                log.warning(
+                    "refused a peer: %s (%d so far)",
+                    text,
+                    self._handshake_failures,
+                    extra={"event": "peer_refused"},
+                )
+
+    @property
+    def refused_peers(self) -> int:
+        zap = self.gatekeeper.refused if self.gatekeeper is not None else 0
+        return zap + self._handshake_failures
 
     # -- clients ---------------------------------------------------------------
 
@@ -598,6 +661,10 @@ class Broker:
     def _close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+        for monitor in self._monitors:
+            monitor.close(linger=0)
+        if self.gatekeeper is not None:
+            self.gatekeeper.stop()
         self.frontend.close(linger=100)
         self.backend.close(linger=100)
         for address in (self.config.frontend, self.config.backend):

@@ -13,6 +13,7 @@ import time
 import msgspec
 
 from shardpool.config import PoolConfig, convert, to_json
+from shardpool.curve import CURVE_ENV
 
 log = logging.getLogger("shardpool.broker")
 
@@ -43,8 +44,10 @@ class LocalShard:
         heartbeat: float,
         liveness: int,
         prefetch: int = 0,
+        curve: str | None = None,
     ) -> None:
         self.prefetch = prefetch
+        self.curve = curve  # CURVE keys for the backend, as SHARDPOOL_CURVE carries them
         self.name = name
         self.backend = backend
         self.pool = pool
@@ -64,6 +67,8 @@ class LocalShard:
     def spawn(self) -> None:
         env = dict(os.environ)
         env[CONFIG_ENV] = to_json(self.pool).decode()
+        if self.curve:
+            env[CURVE_ENV] = self.curve
         argv = [
             sys.executable, "-m", "shardpool", "shard",
             "--connect", self.backend,

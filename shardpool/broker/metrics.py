@@ -81,6 +81,7 @@ def figures(broker: Broker) -> dict[str, Any]:
         "outcomes": dict(jobs.outcomes),
         "duration": jobs.histogram(),
         "queue": len(broker.queue),
+        "refused_peers": broker.refused_peers,
         "shard_restarts": sum(local.restarts for local in broker.local.values()),
         "shards": {
             s.name: {

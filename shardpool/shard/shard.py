@@ -22,6 +22,7 @@ import zmq
 
 from shardpool import wire
 from shardpool.config import PoolConfig
+from shardpool.curve import CurveKeys, secure_client
 from shardpool.errors import ShardpoolError, UnavailableError
 from shardpool.payload import Payload
 from shardpool.pool import Pool
@@ -53,8 +54,10 @@ class Shard:
         parent_pid: int | None = None,
         drain_timeout: float = 60.0,
         prefetch: int = 0,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.prefetch = prefetch
+        self.curve = curve
         self.config = config
         self.connect = connect
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -130,6 +133,8 @@ class Shard:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        if self.curve is not None:
+            secure_client(sock, self.curve)
         sock.connect(self.connect)
         self._sock = sock
         self._fd = int(sock.getsockopt(zmq.FD))
