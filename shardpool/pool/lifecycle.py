@@ -7,7 +7,8 @@ into one log line and one count, which ``stats`` and the metrics report.
 
 End reasons: ``max_jobs``, ``ttl``, ``idle_ttl``, ``memory`` (soft limits),
 ``exec_ttl``, ``stream_timeout``, ``stop_request``, ``protocol_error``,
-``stdout_garbage``, ``crashed``, ``boot_failed``, ``killed`` (faults),
+``stdout_garbage``, ``crashed`` (under a job), ``exited`` (on its own, idle),
+``boot_failed``, ``killed`` (faults),
 ``reset``, ``removed``, ``scaled_down`` (asked for), ``destroyed`` (the pool
 stopped: not a restart).
 """
@@ -35,7 +36,15 @@ REASON_BY_STATE = {
 }
 # Ends that are faults, logged as warnings; the rest are routine.
 FAULTS = frozenset(
-    {"exec_ttl", "stream_timeout", "protocol_error", "stdout_garbage", "crashed", "boot_failed"}
+    {
+        "exec_ttl",
+        "stream_timeout",
+        "protocol_error",
+        "stdout_garbage",
+        "crashed",
+        "exited",
+        "boot_failed",
+    }
 )
 
 
@@ -72,7 +81,7 @@ class Lifecycle:
             log.warning(
                 "worker pid %d %s: %s",
                 worker.pid,
-                "crashed" if reason == "crashed" else f"ended ({reason})",
+                reason if reason in ("crashed", "exited") else f"ended ({reason})",
                 worker.error,
                 extra=extra,
             )

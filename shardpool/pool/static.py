@@ -485,7 +485,10 @@ class Pool:
             self._idle.remove(worker)
         self.lifecycle.ended_worker(worker, self._closing)
         if not worker.retiring and not self._closing:
-            self._quick_deaths = 0 if worker.jobs_done else self._quick_deaths + 1
+            # Only a worker that dies with no job in hand may be flapping: one that
+            # crashes under a job is answered (and respawned) at the rate jobs come.
+            flapping = not worker.jobs_done and worker.end_reason == "exited"
+            self._quick_deaths = self._quick_deaths + 1 if flapping else 0
         self._notify()
         self._ensure()
 

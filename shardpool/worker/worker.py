@@ -368,7 +368,8 @@ class Worker:
             self.set_end_reason("boot_failed")
             self._finish(AllocateError(f"worker failed at boot: {self.process.describe_exit()}"))
         else:
-            self.set_end_reason("crashed")
+            # Under a job it crashed; idle, it exited on its own (flapping, if at once).
+            self.set_end_reason("crashed" if self._pending else "exited")
             self._finish(WorkerCrashedError(self.process.describe_exit()))
 
     # -- STDOUT garbage --------------------------------------------------------
