@@ -40,7 +40,11 @@ class Curved:
         )
         args = ("-c", str(config), "--shards", "1", "--backend", self.backend)
         self.service = Service(root, *args, ready=False)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.service.stop()
+            raise
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + 30
