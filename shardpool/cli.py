@@ -30,6 +30,10 @@ def _depth(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
 
 
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -131,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "-c", "--config", help="YAML config file (top-level keys and a pool: section)"
     )
-    serve.add_argument("--shards", type=_positive_int, help="shard processes (default: CPU count)")
+    serve.add_argument(
+        "--shards",
+        type=_non_negative_int,
+        help="shard processes to start (default: CPU count; 0: only shards that connect)",
+    )
     serve.add_argument("--workers", type=_positive_int, help="PHP workers per shard")
     serve.add_argument("--frontend", help="client endpoint (default tcp://127.0.0.1:7400)")
     serve.add_argument("--backend", help="shard endpoint (default: a private ipc:// path)")
@@ -246,7 +254,7 @@ def _serve(args: argparse.Namespace) -> int:
     broker = Broker(config)
     broker.bind()
     broker.install_signal_handlers()
-    broker.start_local_shards(config.shards)
+    broker.start_local_shards(config.shards or 0)
     logging.getLogger("shardpool.broker").info(
         "serving on %s with %d shard(s) x %d worker(s) of %s",
         broker.frontend_address,

@@ -164,7 +164,8 @@ class ServeConfig(_Base):
     addresses is an explicit choice.
     """
 
-    shards: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0  # 0: CPU count
+    # Shards serve starts itself (default: CPU count); 0: only shards from other hosts.
+    shards: Annotated[int, msgspec.Meta(ge=0, le=256)] | None = None
     frontend: str = "tcp://127.0.0.1:7400"
     backend: str = ""  # default: a private ipc:// path
     heartbeat: Duration = Duration(1.0)
@@ -183,7 +184,7 @@ class ServeConfig(_Base):
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
 
     def __post_init__(self) -> None:
-        if self.shards == 0:
+        if self.shards is None:
             self.shards = os.cpu_count() or 1
         if not self.backend:
             self.backend = default_backend()
