@@ -14,7 +14,8 @@ php:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq php-cli >/dev/null; }
 	@# iproute2 for the multi-host test (network namespaces); optional, so never fatal
 	@command -v ip >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null 2>&1 || true
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } \
+	  >/dev/null 2>&1 || true
 
 $(BIN)/shardpool: pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
