@@ -559,6 +559,8 @@ def test_slow_client_costs_the_broker_bounded_memory(
     assert not summary.errors
     assert growth < 32 << 20, f"the broker grew by {growth >> 20} MiB for one slow client"
     assert 0 < late < 3000, f"{late} replies read late (the broker drops past client_hwm)"
+    with Client(svc.address, timeout=10) as client:  # every dropped reply is counted
+        assert client.stats()["replies_undelivered"] == 3000 - late
     answers_normally(svc.address)
 
 

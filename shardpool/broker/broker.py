@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -101,6 +102,8 @@ class Broker:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.frontend.setsockopt(zmq.SNDHWM, config.client_hwm)  # a slow client: bounded memory
+        # Say so when a reply cannot be delivered, instead of dropping it silently.
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, config.max_message_size)
         self.backend.setsockopt(zmq.SNDHWM, 0)
         self.backend.setsockopt(zmq.RCVHWM, 0)
@@ -116,6 +119,7 @@ class Broker:
         self.stats = {
             "bad_messages": 0,
             "shards_lost": 0,
+            "replies_undelivered": 0,  # to clients gone or not reading (client_hwm)
             # messages per hop, to see how well jobs and replies are batched
             "client_messages_in": 0,
             "client_messages_out": 0,
@@ -137,6 +141,7 @@ class Broker:
         self._local_curve: str | None = None
         self._monitors: list[zmq.Socket[bytes]] = []
         self._handshake_failures = 0
+        self._undelivered_logged = -math.inf
         self._handshake_logged = -math.inf
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -558,10 +563,26 @@ class Broker:
                     self.frontend.send_multipart(
                         [client, wire.encode(wire.Replies(replies=replies))], zmq.NOBLOCK
                     )
-                except zmq.Again:
-                    log.warning(
-                        "client %r is not reading its replies; %d dropped", client, len(replies)
-                    )
+                except zmq.Again:  # its queue is full (client_hwm): a slow reader
+                    self._undelivered(client, len(replies), "is not reading its replies")
+                except zmq.ZMQError as exc:
+                    if exc.errno != errno.EHOSTUNREACH:
+                        raise
+                    self._undelivered(client, len(replies), "is gone")
+
+    def _undelivered(self, client: bytes, count: int, why: str) -> None:
+        """Replies ZeroMQ cannot deliver: counted, and logged at most once a second."""
+        self.stats["replies_undelivered"] += count
+        now = time.monotonic()
+        if now - self._undelivered_logged >= 1.0:
+            self._undelivered_logged = now
+            log.warning(
+                "client %s %s: %d replies dropped (%d so far)",
+                client.hex(),
+                why,
+                count,
+                self.stats["replies_undelivered"],
+            )
 
     # -- timers ----------------------------------------------------------------
 
