@@ -640,6 +640,13 @@ async def test_exec_timeout_argument_is_the_jobs_exec_ttl() -> None:
 
 
 @async_test(timeout=10)
+async def test_a_jobs_timeout_cannot_outlast_the_operators_exec_ttl() -> None:
+    async with Pool(config(num_workers=1, supervisor={"exec_ttl": "200ms"})) as pool:
+        with pytest.raises(ExecTTLError, match=re.escape("0.2s")):
+            await pool.exec(b"sleep:5000", timeout=60)
+
+
+@async_test(timeout=10)
 async def test_job_within_exec_ttl_is_answered() -> None:
     async with Pool(config(num_workers=1, supervisor={"exec_ttl": "5s"})) as pool:
         (pid,) = pids(pool)

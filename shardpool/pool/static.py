@@ -223,8 +223,9 @@ class Pool:
     async def exec(self, payload: Payload | bytes, timeout: float | None = None) -> Payload:
         """Run one job on a free worker and return its reply.
 
-        ``timeout`` is this job's exec TTL (default: ``supervisor.exec_ttl``):
-        past it the worker is killed and :class:`ExecTTLError` raised. Waiting
+        ``timeout`` is this job's exec TTL, never longer than ``supervisor.exec_ttl``
+        (the operator's limit; the default): past it the worker is killed and
+        :class:`ExecTTLError` raised. Waiting
         for a free worker is bounded by ``allocate_timeout``.
         """
         if isinstance(payload, bytes):
@@ -232,7 +233,7 @@ class Pool:
         if self.config.debug:
             return await self._exec_debug(payload, timeout)
         for _ in range(MAX_RETRIES):
-            job = Job(payload, self._new_future(), None, timeout or self._ttl)
+            job = Job(payload, self._new_future(), None, self._ttl_for(timeout))
             self._submit(job)
             try:
                 return await job.future
@@ -260,7 +261,7 @@ class Pool:
             task = asyncio.ensure_future(self.exec(payload, timeout))
             task.add_done_callback(lambda t: callback(_outcome(t)))
             return
-        _Submission(self, payload, callback, timeout or self._ttl).start()
+        _Submission(self, payload, callback, self._ttl_for(timeout)).start()
 
     @property
     def capacity(self) -> int:
@@ -283,7 +284,7 @@ class Pool:
                     yield chunk
             return
         for attempt in range(MAX_RETRIES):
-            job = Job(payload, self._new_future(), asyncio.Queue(), timeout or self._ttl)
+            job = Job(payload, self._new_future(), asyncio.Queue(), self._ttl_for(timeout))
             self._submit(job)
             yielded = False
             try:
@@ -296,6 +297,12 @@ class Pool:
                     raise
             finally:
                 self._forget(job)
+
+    def _ttl_for(self, timeout: float | None) -> float | None:
+        """A job's exec TTL: its own timeout, capped by ``supervisor.exec_ttl``."""
+        if timeout and self._ttl:
+            return min(timeout, self._ttl)
+        return timeout or self._ttl
 
     def _new_future(self) -> asyncio.Future[Payload]:
         if self._loop is None:
@@ -613,7 +620,7 @@ class Pool:
         check_payload(payload)
         worker = await self._debug_spawn()
         try:
-            return await worker.exec(payload, timeout or self._ttl)
+            return await worker.exec(payload, self._ttl_for(timeout))
         finally:
             await self._debug_done(worker)
 
@@ -644,7 +651,7 @@ class Pool:
         check_payload(payload)
         worker = await self._debug_spawn()
         try:
-            chunks = worker.stream(payload, timeout or self._ttl, self.config.stream_timeout)
+            chunks = worker.stream(payload, self._ttl_for(timeout), self.config.stream_timeout)
             async with contextlib.aclosing(chunks) as stream:
                 async for chunk in stream:
                     yield chunk
