@@ -165,3 +165,24 @@ def test_a_public_key_is_not_a_secret_key(tmp_path: Path) -> None:
     public, _ = keys(tmp_path, "someone")
     with pytest.raises(ConfigError, match="only a public key"):
         client_keys(public, public)
+
+
+def test_ipc_endpoints_are_owner_only(tmp_path: Path) -> None:
+    import stat
+
+    backend = tmp_path / "private" / "backend"
+    service = Service(tmp_path, "--shards", "1", "--workers", "1", "--backend", f"ipc://{backend}")
+    try:
+        assert stat.S_IMODE(backend.stat().st_mode) == 0o600
+        assert stat.S_IMODE(backend.parent.stat().st_mode) == 0o700
+    finally:
+        service.stop()
+
+
+def test_keys_are_written_with_an_owner_only_secret(tmp_path: Path) -> None:
+    import stat
+
+    public, secret = keys(tmp_path / "k", "someone")
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert stat.S_IMODE(secret.parent.stat().st_mode) == 0o700
+    assert public.read_text().count("public-key") == 1 and "secret" not in public.read_text()
