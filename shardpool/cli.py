@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="serve Prometheus metrics at http://ADDR/metrics: PORT (on loopback) or HOST:PORT",
     )
+    serve.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # embedded: stop with it
     _add_option_flag(serve, "-o pool.max_jobs=100 -o pool.supervisor.exec_ttl=30s")
     _log_options(serve, "info")
 
@@ -254,6 +255,13 @@ def _serve(args: argparse.Namespace) -> int:
     broker = Broker(config)
     broker.bind()
     broker.install_signal_handlers()
+    if args.parent_pid:
+        # Started by bench or batch: SIGTERM (drain, then exit) if that process dies.
+        from shardpool.shard.shard import die_with_parent
+
+        die_with_parent()
+        if os.getppid() != args.parent_pid:
+            return 0
     broker.start_local_shards(config.shards or 0)
     logging.getLogger("shardpool.broker").info(
         "serving on %s with %d shard(s) x %d worker(s) of %s",

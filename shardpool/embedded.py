@@ -4,7 +4,8 @@
 (broker + shards + PHP workers) when no ``--connect`` address is given. The
 broker's loop blocks, so the service runs as a child process: its frontend and
 backend are ``ipc://`` files in a private temporary directory (owner-only),
-and leaving the context stops it with SIGTERM (drain), then SIGKILL.
+and leaving the context stops it with SIGTERM (drain), then SIGKILL. If this
+process dies without stopping it, serve gets SIGTERM from the kernel.
 
 >>> with EmbeddedService(shards=2, workers=1) as service:  # doctest: +SKIP
 ...     with Client(service.address) as client:
@@ -59,6 +60,7 @@ class EmbeddedService:
         self.shards = shards
         argv = [sys.executable, "-m", "shardpool", "serve", "--frontend", self.address]
         argv += ["--backend", f"ipc://{self._dir.name}/backend"]
+        argv += ["--parent-pid", str(os.getpid())]  # serve stops if we die
         for flag, value in (
             ("--shards", shards),
             ("--workers", workers),
