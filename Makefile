@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup php venv test lint bench clean
+.PHONY: setup php venv test test-slow lint bench clean
 
 setup: php venv
 
@@ -27,6 +27,10 @@ venv: $(BIN)/shardpool
 
 test: setup
 	$(BIN)/pytest -q
+
+# The long tests (fault soak runs) left out of the default suite; CI runs them too.
+test-slow: setup
+	$(BIN)/pytest -q -m slow
 
 lint: venv
 	$(BIN)/ruff check shardpool tests bench

@@ -16,6 +16,7 @@ has the numbers of a run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -603,20 +604,15 @@ def _mixed_faults(
         for _ in range(count):
             fault = rng.choice(FAULTS)
             client = rng.choice(load.clients)
-            if fault == "worker_kill":
-                workers = [p for s in ("shard-0", "shard-1") for p in php_of(shard(svc, s))]
-                rng.choice(workers).kill()
+            if fault in ("worker_kill", "shard_kill", "shard_stall"):
+                try:  # the target may have just died of an earlier fault: then skip it
+                    _hit_process(svc, fault, rng, stalled)
+                except psutil.NoSuchProcess:
+                    continue
             elif fault == "hang":
                 client.inject(b"sleep:30000", "hang", timeout=0)
             elif fault == "print":
                 client.inject(b"print:noise", "print")
-            elif fault == "shard_kill":
-                shard(svc, rng.choice(("shard-0", "shard-1"))).kill()
-            elif fault == "shard_stall":
-                victim = shard(svc, rng.choice(("shard-0", "shard-1")))
-                victim.suspend()
-                stalled.append(victim)
-                threading.Timer(rng.uniform(0.2, 1.5), victim.resume).start()
             else:
                 sock = zmq.Context.instance().socket(zmq.DEALER)
                 sock.setsockopt(zmq.RCVHWM, 1)
@@ -629,7 +625,7 @@ def _mixed_faults(
             answers = sum(c.answered() for c in load.clients)
             _wait_progress(load, answers)
         for victim in stalled:
-            victim.resume()  # in case its timer has not fired yet
+            _resume(victim)  # in case its timer has not fired yet
         summary = load.finish(
             {"*": {"worker_crashed", "shard_lost", "exec_ttl", "protocol", "timeout"}}, drain=20
         )
@@ -637,6 +633,43 @@ def _mixed_faults(
     assert_exactly_once(summary)
     answers_normally(svc.address)
     return summary, done
+
+
+def _hit_process(
+    svc: Service, fault: str, rng: random.Random, stalled: list[psutil.Process]
+) -> None:
+    """SIGKILL a PHP worker or a shard, or stall a shard for a while.
+
+    Raises NoSuchProcess when the target is not there right now (an earlier
+    fault killed it and its replacement is still starting).
+    """
+    shards = [p for p in tree(svc.proc.pid) if "shardpool shard" in " ".join(_cmdline(p))]
+    if not shards:
+        raise psutil.NoSuchProcess(0)
+    if fault == "worker_kill":
+        workers = [w for p in shards for w in php_of(p)]
+        if not workers:
+            raise psutil.NoSuchProcess(0)
+        rng.choice(workers).kill()
+    elif fault == "shard_kill":
+        rng.choice(shards).kill()
+    else:
+        victim = rng.choice(shards)
+        victim.suspend()
+        stalled.append(victim)
+        threading.Timer(rng.uniform(0.2, 1.5), _resume, (victim,)).start()
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+
+
+def _resume(victim: psutil.Process) -> None:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        victim.resume()
 
 
 def _wait_progress(load: Load, answered: int, timeout: float = 15.0) -> None:
