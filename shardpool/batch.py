@@ -381,20 +381,12 @@ class Batch:
                 self.record(ids.popleft(), outcome)
 
     async def _unordered(self, client: AsyncClient) -> None:
-        jobs = self.jobs()  # one iterator shared by every lane: next() never runs concurrently
-
-        async def lane() -> None:
-            for jid, payload in jobs:
-                outcome: Payload | ShardpoolError
-                try:
-                    outcome = await client.exec(payload, timeout=self.args.timeout)
-                except ShardpoolError as exc:
-                    outcome = exc
+        replies = client.map_unordered(
+            self.jobs(), window=self.args.window, timeout=self.args.timeout
+        )
+        async with contextlib.aclosing(replies):
+            async for jid, outcome in replies:
                 self.record(jid, outcome)
-
-        async with asyncio.TaskGroup() as group:
-            for _ in range(self.args.window):
-                group.create_task(lane())
 
     def _on_signal(self, signum: int) -> None:
         if self.signal is None and not self.stopping:

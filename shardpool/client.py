@@ -31,7 +31,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator
 from enum import Enum
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 import zmq
@@ -63,6 +63,7 @@ _EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 _NOBLOCK = int(zmq.NOBLOCK)
 
 Body = bytes | Payload
+K = TypeVar("K")
 Curve = CurveKeys | tuple[str, str] | None
 Waker = Callable[[], None]
 
@@ -797,6 +798,70 @@ class AsyncClient(_ClientBase):
                 yield jobs.pop()
         finally:
             jobs.close()
+            self._schedule_flush()
+
+    async def map_unordered(
+        self,
+        items: Iterable[tuple[K, Body]],
+        *,
+        window: int = 256,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[tuple[K, Payload | ShardpoolError], None]:
+        """Run many ``(key, body)`` jobs, yielding ``(key, reply or error)`` as each finishes.
+
+        At most ``window`` jobs are in flight; slots freed together are refilled
+        together, so under load jobs still leave in batches. Errors come back in
+        place of replies, never raised. Leaving the loop early cancels the rest.
+        """
+        if window < 1:
+            raise ConfigError("window must be at least 1")
+        _check_timeout(timeout)
+        self._open()
+        assert self._loop is not None
+        loop = self._loop
+        source: Iterator[tuple[K, Body]] | None = iter(items)
+        in_flight: dict[Request, K] = {}
+        finished: collections.deque[Request] = collections.deque()
+        wake: list[asyncio.Future[None]] = []
+
+        def done(request: Request) -> None:
+            finished.append(request)
+            if wake:
+                _resolve(wake.pop())
+
+        try:
+            while True:
+                while source is not None and len(in_flight) < window:
+                    try:
+                        key, body = next(source)
+                    except StopIteration:
+                        source = None
+                        break
+                    try:
+                        request = self._core.submit(to_payload(body), timeout=timeout)
+                    except BadRequestError as exc:  # refused locally
+                        yield key, exc
+                        continue
+                    in_flight[request] = key
+                    request.waker = functools.partial(done, request)
+                if not in_flight:
+                    return
+                self._schedule_flush()
+                while not finished:
+                    future: asyncio.Future[None] = loop.create_future()
+                    wake.append(future)
+                    await future
+                while finished:
+                    request = finished.popleft()
+                    key = in_flight.pop(request)
+                    try:
+                        yield key, request.result()
+                    except ShardpoolError as exc:
+                        yield key, exc
+        finally:
+            for request in in_flight:
+                if not request.done:
+                    self._core.cancel(request)
             self._schedule_flush()
 
     # -- control ---------------------------------------------------------------

@@ -25,6 +25,7 @@ from shardpool.errors import (
     SoftJobError,
     WorkerCrashedError,
 )
+from shardpool.payload import Payload
 
 COMMANDS = str(WORKERS / "commands.php")
 
@@ -50,6 +51,24 @@ def test_ten_thousand_jobs_through_two_shards_are_each_answered_once(service: Se
     assert stats["jobs_done"] == 10_000
     assert len(stats["shards"]) == 2
     assert all(s["jobs_done"] > 0 for s in stats["shards"].values())
+
+
+def test_map_unordered_yields_each_key_once_as_jobs_finish(service: Service) -> None:
+    async def run() -> list[tuple[str, bytes | str]]:
+        jobs = [("slow", b"sleep:400"), ("bad", b"error:nope")]
+        jobs += [(f"k{i}", b"echo:%d" % i) for i in range(500)]
+        out: list[tuple[str, bytes | str]] = []
+        async with AsyncClient(service.address, timeout=30) as client:
+            async for key, reply in client.map_unordered(jobs, window=64):
+                out.append((key, reply.body if isinstance(reply, Payload) else reply.code.value))
+        return out
+
+    out = asyncio.run(run())
+    assert sorted(k for k, _ in out) == sorted(["slow", "bad", *(f"k{i}" for i in range(500))])
+    results = dict(out)
+    assert results["slow"] == b"slept" and results["bad"] == "soft_job"
+    assert all(results[f"k{i}"] == b"%d" % i for i in range(500))
+    assert out.index(("slow", b"slept")) > 100  # it finished after jobs sent behind it
 
 
 def test_workers_lists_every_shard_and_its_workers(service: Service) -> None:
