@@ -31,6 +31,7 @@ import msgspec
 import uvloop
 import zmq
 
+from shardpool.argtypes import positive_int, seconds
 from shardpool.client import AsyncClient
 from shardpool.embedded import EmbeddedService, ServiceStartError
 from shardpool.errors import ErrorCode, ShardpoolError, UnavailableError
@@ -476,26 +477,6 @@ def _progress(batch: Batch, forced: bool) -> Progress:
 # -- the command --------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
-    return value
-
-
 SERVICE_FLAGS = ("shards", "workers", "worker", "command", "config")
 
 
@@ -519,13 +500,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--window",
         "--in-flight",
         dest="window",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_WINDOW,
         metavar="N",
         help="jobs in flight at most (default %(default)s); in order, also results held",
     )
     parser.add_argument(
-        "--timeout", type=_seconds, metavar="SECONDS", help="each job's deadline (default none)"
+        "--timeout", type=seconds, metavar="SECONDS", help="each job's deadline (default none)"
     )
     parser.add_argument(
         "--resume",
@@ -546,8 +527,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     where.add_argument(
         "--connect", metavar="ADDR", help="use a running server, e.g. tcp://HOST:7400"
     )
-    where.add_argument("--shards", type=_positive_int, help="shard processes (default: CPU count)")
-    where.add_argument("--workers", type=_positive_int, help="PHP workers per shard")
+    where.add_argument("--shards", type=positive_int, help="shard processes (default: CPU count)")
+    where.add_argument("--workers", type=positive_int, help="PHP workers per shard")
     where.add_argument("--worker", metavar="SCRIPT", help="PHP worker script (default: echo)")
     where.add_argument("--command", help="full worker command, e.g. 'php app/worker.php'")
     where.add_argument("-c", "--config", help="serve's YAML config file")

@@ -13,35 +13,12 @@ from typing import Any
 import uvloop
 import zmq
 
+from shardpool.argtypes import non_negative_int, positive_int, seconds
 from shardpool.errors import ConfigError, ShardpoolError
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    return value
-
-
 def _depth(text: str) -> int | str:
-    return "auto" if text == "auto" else _positive_int(text)
-
-
-def _non_negative_int(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive_int(text)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
-    return value
+    return "auto" if text == "auto" else positive_int(text)
 
 
 def _option(text: str) -> tuple[list[str], Any]:
@@ -137,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--shards",
-        type=_non_negative_int,
+        type=non_negative_int,
         help="shard processes to start (default: CPU count; 0: only shards that connect)",
     )
-    serve.add_argument("--workers", type=_positive_int, help="PHP workers per shard")
+    serve.add_argument("--workers", type=positive_int, help="PHP workers per shard")
     serve.add_argument("--frontend", help="client endpoint (default tcp://127.0.0.1:7400)")
     serve.add_argument("--backend", help="shard endpoint (default: a private ipc:// path)")
     serve.add_argument("--worker", help="PHP worker script (default: the bundled echo worker)")
@@ -148,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--pipeline-depth", type=_depth, help="jobs per worker pipe: 1 (default), N or auto"
     )
-    serve.add_argument("--heartbeat", type=_positive_float, help="seconds between heartbeats")
+    serve.add_argument("--heartbeat", type=seconds, help="seconds between heartbeats")
     serve.add_argument(
         "--prefetch", type=int, help="jobs per worker a shard holds beyond those running (32)"
     )
@@ -171,10 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard.add_argument("-c", "--config", help="YAML config file (its pool: section is used)")
     shard.add_argument("--name", help="shard name (default: host-pid)")
-    shard.add_argument("--workers", type=_positive_int, help="PHP workers")
+    shard.add_argument("--workers", type=positive_int, help="PHP workers")
     shard.add_argument("--worker", help="PHP worker script")
-    shard.add_argument("--heartbeat", type=_positive_float, default=1.0, help=argparse.SUPPRESS)
-    shard.add_argument("--liveness", type=_positive_int, default=3, help=argparse.SUPPRESS)
+    shard.add_argument("--heartbeat", type=seconds, default=1.0, help=argparse.SUPPRESS)
+    shard.add_argument("--liveness", type=positive_int, default=3, help=argparse.SUPPRESS)
     shard.add_argument(
         "--prefetch", type=int, default=32, help="jobs per worker held beyond those running"
     )
@@ -194,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--connect", default="tcp://127.0.0.1:7400", help="the server (default %(default)s)"
         )
-        cmd.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds to wait")
+        cmd.add_argument("--timeout", type=seconds, default=30.0, help="seconds to wait")
         _curve_options(cmd)
         if name == "exec":
             cmd.add_argument("body", help="the job body (text), or - to read it from stdin")
@@ -208,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="a live view refreshed every second (Ctrl-C to leave)",
             )
             cmd.add_argument(
-                "--interval", type=_positive_float, default=1.0, help="seconds between refreshes"
+                "--interval", type=seconds, default=1.0, help="seconds between refreshes"
             )
     keys = sub.add_parser(
         "keys",
