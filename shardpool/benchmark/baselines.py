@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from shardpool.benchmark.cpu import CpuMeter
@@ -44,18 +44,34 @@ async def measure_pool(
     payload = Payload(b"x" * size)
     config = pool_config(command=list(command), num_workers=workers)
     async with Pool(config) as pool:
-        reply = await pool.exec(payload)
-        if reply.body != payload.body:
-            raise BenchmarkError(f"the worker {' '.join(command)} does not echo the job body")
-        meter = CpuMeter({"client": [os.getpid()], "php": [w.pid for w in pool.workers()]})
-        sample = await drive(
+        return await measure_echo(
             lambda: pool.exec(payload),
+            payload.body,
+            f"the worker {' '.join(command)}",
+            lambda: {"client": [os.getpid()], "php": [w.pid for w in pool.workers()]},
             concurrency,
             duration,
-            warmup=warmup,
-            on_start=meter.start,
-            on_stop=meter.stop,
+            warmup,
         )
+
+
+async def measure_echo(
+    call: Callable[[], Awaitable[Payload]],
+    body: bytes,
+    who: str,
+    cpu_groups: Callable[[], Mapping[str, Iterable[int]]],
+    concurrency: int,
+    duration: float,
+    warmup: float,
+) -> tuple[Sample, dict[str, float]]:
+    """Check ``call`` echoes ``body``, then drive it and meter the CPU of ``cpu_groups``."""
+    reply = await call()
+    if reply.body != body:
+        raise BenchmarkError(f"{who} does not echo the job body")
+    meter = CpuMeter(cpu_groups())
+    sample = await drive(
+        call, concurrency, duration, warmup=warmup, on_start=meter.start, on_stop=meter.stop
+    )
     return sample, meter.result
 
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import psutil
 
-from shardpool.benchmark.cpu import CpuMeter, descendants
-from shardpool.benchmark.drive import Sample, drive
+from shardpool.benchmark.baselines import measure_echo
+from shardpool.benchmark.cpu import descendants
+from shardpool.benchmark.drive import Sample
 from shardpool.benchmark.limit import BenchmarkError
 from shardpool.client import AsyncClient, Client
 from shardpool.errors import ShardpoolError
@@ -131,16 +132,12 @@ async def measure_service(
     """``concurrency`` jobs in flight through one AsyncClient; CPU of every local process."""
     body = b"x" * size
     async with AsyncClient(info.address, timeout=JOB_TIMEOUT) as client:
-        reply = await client.exec(body)
-        if reply.body != body:
-            raise BenchmarkError(f"the server at {info.address} does not echo the job body")
-        meter = CpuMeter(info.cpu_groups())
-        sample = await drive(
+        return await measure_echo(
             lambda: client.exec(body),
+            body,
+            f"the server at {info.address}",
+            info.cpu_groups,
             concurrency,
             duration,
-            warmup=warmup,
-            on_start=meter.start,
-            on_stop=meter.stop,
+            warmup,
         )
-    return sample, meter.result
