@@ -114,6 +114,31 @@ def test_client_that_leaves_mid_stream_does_not_disturb_the_service(service: Ser
         assert client.exec(b"echo:still here").body == b"still here"
 
 
+@pytest.mark.parametrize(
+    "service", [("--shards", "1", "--workers", "1", "--worker", COMMANDS)], indirect=True
+)
+def test_jobs_of_a_client_that_is_gone_are_dropped_not_run(service: Service) -> None:
+    # 1,000 jobs of 20 ms each (20 s of work for one worker), then the client vanishes.
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(service.address)
+    jobs = [{"id": i + 1, "body": b"sleep:20"} for i in range(1000)]
+    sock.send(msgspec.msgpack.encode({"t": "jobs", "jobs": jobs}))
+    with Client(service.address, timeout=10) as client:
+        deadline = time.monotonic() + 10
+        while client.stats()["queue"] < 900:  # accepted and waiting for the worker
+            assert time.monotonic() < deadline, "the jobs never reached the broker's queue"
+            time.sleep(0.01)  # another process's queue: polled
+        sock.close(linger=0)
+        # The first reply to the gone client finds it missing: its queued jobs are dropped,
+        # so a job from someone else runs after the few the shard already holds, not 20 s.
+        started = time.monotonic()
+        assert client.exec(b"echo:next", timeout=10).body == b"next"
+        assert time.monotonic() - started < 5
+        stats = client.stats()
+    assert stats["jobs_abandoned"] > 800
+    assert stats["queue"] == 0
+
+
 def _raw(address: str, message: bytes) -> dict[str, object]:
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)

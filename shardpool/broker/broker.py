@@ -120,6 +120,7 @@ class Broker:
             "bad_messages": 0,
             "shards_lost": 0,
             "replies_undelivered": 0,  # to clients gone or not reading (client_hwm)
+            "jobs_abandoned": 0,  # queued jobs of clients found gone: never started
             # messages per hop, to see how well jobs and replies are batched
             "client_messages_in": 0,
             "client_messages_out": 0,
@@ -366,22 +367,28 @@ class Broker:
         log.warning("bad client message: %s", message)
         self.reply_error(client, cid, BadRequestError(message))
 
-    def _cancel(self, client: bytes, ids: set[int]) -> None:
+    def _cancel(self, client: bytes, ids: set[int] | None) -> int:
+        """Drop a client's queued jobs and stop its streams (``ids``, or all of them).
+
+        Returns how many queued jobs were dropped; jobs already running finish.
+        """
         kept: collections.deque[_Pending] = collections.deque()
         for pending in self.queue:
-            if pending.client == client and pending.cid in ids:
+            if pending.client == client and (ids is None or pending.cid in ids):
                 self._forget_deadline(pending)
             else:
                 kept.append(pending)
+        dropped = len(self.queue) - len(kept)
         self.queue = kept
         for shard in self.shards.values():
             streams = [
                 p.iid
                 for p in shard.in_flight.values()
-                if p.client == client and p.cid in ids and p.stream
+                if p.client == client and (ids is None or p.cid in ids) and p.stream
             ]
             if streams:
                 self._send_shard(shard, wire.Cancel(ids=streams))
+        return dropped
 
     def reply(self, client: bytes, reply: wire.Reply) -> None:
         out = self.out_clients.get(client)
@@ -569,6 +576,8 @@ class Broker:
                     if exc.errno != errno.EHOSTUNREACH:
                         raise
                     self._undelivered(client, len(replies), "is gone")
+                    # Nobody is left to answer: its queued jobs never run, its streams stop.
+                    self.stats["jobs_abandoned"] += self._cancel(client, None)
 
     def _undelivered(self, client: bytes, count: int, why: str) -> None:
         """Replies ZeroMQ cannot deliver: counted, and logged at most once a second."""
