@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_script(path: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigError(f"no such PHP worker script: {path}")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from shardpool.broker import Broker
     from shardpool.config import load_config, serve_config, to_builtins
@@ -214,6 +219,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers:
         pool["num_workers"] = args.workers
     if args.worker:
+        _check_script(args.worker)
         pool["command"] = ["php", args.worker]
     if args.command:
         pool["command"] = args.command
@@ -266,6 +272,7 @@ def _shard(args: argparse.Namespace) -> int:
         if args.workers:
             data["num_workers"] = args.workers
         if args.worker:
+            _check_script(args.worker)
             data["command"] = ["php", args.worker]
         config = pool_config(data)
     shard = Shard(

@@ -27,8 +27,9 @@ def test_runs_jobs_and_stops_with_its_context() -> None:
 
 
 def test_a_worker_that_cannot_start_is_reported_with_serves_output() -> None:
+    command = f"php {WORKERS / 'missing.php'}"  # PHP itself says what is wrong
     with pytest.raises(ServiceStartError, match="Could not open input file"):
-        EmbeddedService(shards=1, workers=1, worker=str(WORKERS / "missing.php")).start()
+        EmbeddedService(shards=1, workers=1, command=command).start()
 
 
 def test_serve_stops_when_the_process_that_started_it_is_killed() -> None:

@@ -274,8 +274,20 @@ def test_remote_shard_started_by_hand_joins_over_tcp(tmp_path: Path) -> None:
         assert svc.stop() == 0
 
 
+def test_a_missing_worker_script_is_named_before_anything_starts() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "shardpool", "serve", "--worker", "/nonexistent/worker.php"],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == "shardpool: no such PHP worker script: /nonexistent/worker.php"
+
+
 def test_shard_that_cannot_boot_makes_serve_exit_with_the_cause(tmp_path: Path) -> None:
-    svc = Service(tmp_path, "--shards", "1", "--worker", "/nonexistent/worker.php", ready=False)
+    # --command, not --worker: serve checks a --worker path itself before starting shards
+    svc = Service(
+        tmp_path, "--shards", "1", "--command", "php /nonexistent/worker.php", ready=False
+    )
     code = svc.proc.wait(60)
     output = svc.output()
     assert code != 0
