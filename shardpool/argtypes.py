@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from shardpool.curve import CurveKeys, client_keys
+from shardpool.errors import ConfigError
+
 
 def positive_int(text: str) -> int:
     try:
@@ -27,3 +30,22 @@ def seconds(text: str) -> float:
     if not value > 0:  # also refuses NaN
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
     return value
+
+
+def add_curve_options(parser: argparse._ActionsContainer) -> None:
+    """``--curve-server FILE --curve-key FILE``: connect to a broker that uses CURVE."""
+    parser.add_argument(
+        "--curve-server", metavar="FILE", help="CURVE: the broker's public key file (.key)"
+    )
+    parser.add_argument(
+        "--curve-key", metavar="FILE", help="CURVE: our own secret key file (.key_secret)"
+    )
+
+
+def curve_keys(args: argparse.Namespace) -> CurveKeys | None:
+    """The keys ``add_curve_options`` asked for; both files or neither."""
+    if bool(args.curve_server) != bool(args.curve_key):
+        raise ConfigError("CURVE needs both --curve-server and --curve-key")
+    if args.curve_server:
+        return client_keys(args.curve_server, args.curve_key)
+    return None

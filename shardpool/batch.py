@@ -31,7 +31,7 @@ import msgspec
 import uvloop
 import zmq
 
-from shardpool.argtypes import positive_int, seconds
+from shardpool.argtypes import add_curve_options, curve_keys, positive_int, seconds
 from shardpool.client import AsyncClient
 from shardpool.embedded import EmbeddedService, ServiceStartError
 from shardpool.errors import ErrorCode, ShardpoolError, UnavailableError
@@ -340,7 +340,8 @@ class Batch:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_signal, signum)
-        async with AsyncClient(address, timeout=self.args.timeout) as client:
+        curve = curve_keys(self.args) if self.args.connect else None
+        async with AsyncClient(address, timeout=self.args.timeout, curve=curve) as client:
             if check:
                 try:
                     await client.ping(timeout=CONNECT_TIMEOUT)
@@ -527,6 +528,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     where.add_argument(
         "--connect", metavar="ADDR", help="use a running server, e.g. tcp://HOST:7400"
     )
+    add_curve_options(where)
     where.add_argument("--shards", type=positive_int, help="shard processes (default: CPU count)")
     where.add_argument("--workers", type=positive_int, help="PHP workers per shard")
     where.add_argument("--worker", metavar="SCRIPT", help="PHP worker script (default: echo)")
@@ -619,6 +621,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise UsageError(
                 f"{', '.join(given)} configure the private service; not with --connect"
             )
+    elif args.curve_server or args.curve_key:
+        raise UsageError("--curve-server and --curve-key are for a server given with --connect")
     if args.worker and not os.path.isfile(args.worker):
         raise UsageError(f"worker script not found: {args.worker}")
     if args.resume and args.output in (None, "-"):

@@ -13,7 +13,14 @@ from typing import Any
 import uvloop
 import zmq
 
-from shardpool.argtypes import non_negative_int, positive_int, seconds
+from shardpool.argtypes import (
+    add_curve_options,
+    curve_keys,
+    non_negative_int,
+    positive_int,
+    seconds,
+)
+from shardpool.curve import from_env as curve_from_env
 from shardpool.errors import ConfigError, ShardpoolError
 
 
@@ -60,25 +67,6 @@ def _add_option_flag(parser: argparse.ArgumentParser, example: str) -> None:
         metavar="KEY=VALUE",
         help=f"set any config key, repeatable; dotted for sections, e.g. {example}",
     )
-
-
-def _curve_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--curve-server", metavar="FILE", help="CURVE: the broker's public key file (.key)"
-    )
-    parser.add_argument(
-        "--curve-key", metavar="FILE", help="CURVE: our own secret key file (.key_secret)"
-    )
-
-
-def _curve_keys(args: argparse.Namespace) -> Any:
-    from shardpool import curve
-
-    if bool(args.curve_server) != bool(args.curve_key):
-        raise ConfigError("CURVE needs both --curve-server and --curve-key")
-    if args.curve_server:
-        return curve.client_keys(args.curve_server, args.curve_key)
-    return curve.from_env()
 
 
 def _log_options(parser: argparse.ArgumentParser, default: str) -> None:
@@ -157,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     _add_option_flag(shard, "-o max_jobs=100 -o supervisor.exec_ttl=30s (pool keys)")
-    _curve_options(shard)
+    add_curve_options(shard)
     _log_options(shard, "info")
 
     for name, text in (
@@ -172,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--connect", default="tcp://127.0.0.1:7400", help="the server (default %(default)s)"
         )
         cmd.add_argument("--timeout", type=seconds, default=30.0, help="seconds to wait")
-        _curve_options(cmd)
+        add_curve_options(cmd)
         if name == "exec":
             cmd.add_argument("body", help="the job body (text), or - to read it from stdin")
             cmd.add_argument("--context", default="", help="the job context (text)")
@@ -283,7 +271,7 @@ def _shard(args: argparse.Namespace) -> int:
         liveness=args.liveness,
         parent_pid=args.parent_pid,
         prefetch=max(0, args.prefetch),
-        curve=_curve_keys(args),
+        curve=curve_keys(args) or curve_from_env(),
     )
     return uvloop.run(shard.run())
 
@@ -303,7 +291,7 @@ def _keys(args: argparse.Namespace) -> int:
 def _client_command(args: argparse.Namespace) -> int:
     from shardpool.client import Client
 
-    with Client(args.connect, timeout=args.timeout, curve=_curve_keys(args)) as client:
+    with Client(args.connect, timeout=args.timeout, curve=curve_keys(args)) as client:
         if args.subcommand == "exec":
             body = sys.stdin.buffer.read() if args.body == "-" else args.body.encode()
             reply = client.exec(body, context=args.context.encode(), timeout=args.timeout)

@@ -186,3 +186,35 @@ def test_keys_are_written_with_an_owner_only_secret(tmp_path: Path) -> None:
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert stat.S_IMODE(secret.parent.stat().st_mode) == 0o700
     assert public.read_text().count("public-key") == 1 and "secret" not in public.read_text()
+
+
+def test_command_line_clients_connect_with_curve_keys(curved: Curved, tmp_path: Path) -> None:
+    keys_args = [
+        "--curve-server",
+        str(curved.server_public),
+        "--curve-key",
+        str(curved.client_secret),
+    ]
+    run = lambda *argv, **kw: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "shardpool", *argv, "--connect", curved.service.address, *keys_args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, **kw,
+    )  # fmt: skip
+    workers = run("workers")
+    assert workers.returncode == 0 and "shard-0" in workers.stdout, workers.stderr
+    lines = "".join(f'{{"id": {i}, "body": "job {i}"}}\n' for i in range(3))
+    batch = run("batch", "-", "--quiet", input=lines)
+    assert batch.returncode == 0, batch.stderr
+    assert sorted(batch.stdout.splitlines()) == [f'{{"id":{i},"body":"job {i}"}}' for i in range(3)]
+    out = tmp_path / "bench.json"
+    bench = run("bench", "--quick", "--concurrency", "4", "--json", str(out))
+    assert bench.returncode == 0, bench.stderr
+    assert out.stat().st_size > 0
+
+
+def test_curve_flags_without_a_server_to_connect_to_are_refused() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "shardpool", "batch", "-", "--curve-server", "x.key",
+         "--curve-key", "y.key_secret"],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, input="",
+    )  # fmt: skip
+    assert result.returncode == 2 and "--connect" in result.stderr

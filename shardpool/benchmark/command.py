@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shardpool.argtypes import add_curve_options, curve_keys
 from shardpool.config import DEFAULT_WORKER
 from shardpool.errors import ShardpoolError
 
@@ -161,6 +162,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add = bench.add_argument
     add("--connect", metavar="ADDR", help="measure a running server instead of an embedded one")
+    add_curve_options(bench)
     add("--shards", type=counts, metavar="N[,N...]", help="shard processes (default 1,2)")
     add(
         "--workers",
@@ -282,7 +284,9 @@ def run(args: argparse.Namespace) -> int:
     progress = ProgressView()
     code, error = 0, None
     try:
-        server = inspect_service(settings.connect) if settings.connect else None
+        server = None
+        if settings.connect:
+            server = inspect_service(settings.connect, curve=curve_keys(args))
         steps = plan(settings, server)
         runner = Runner(settings, server)
         report.results = runner.results  # filled as runs finish: kept when interrupted

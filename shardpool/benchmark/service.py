@@ -23,6 +23,7 @@ from shardpool.benchmark.cpu import descendants
 from shardpool.benchmark.drive import Sample
 from shardpool.benchmark.limit import BenchmarkError
 from shardpool.client import AsyncClient, Client
+from shardpool.curve import CurveKeys
 from shardpool.errors import ShardpoolError
 
 JOB_TIMEOUT = 30.0  # seconds: a job that takes longer fails the run
@@ -38,6 +39,7 @@ class ServiceInfo:
     shards: int
     broker_pid: int | None = None
     shard_pids: list[int] = field(default_factory=list)
+    curve: CurveKeys | None = None  # to connect to a server that uses CURVE
 
     @property
     def local(self) -> bool:
@@ -106,13 +108,15 @@ def _parent_serve(pids: list[int]) -> int | None:
     return None
 
 
-def inspect_service(address: str, broker_pid: int | None = None) -> ServiceInfo:
+def inspect_service(
+    address: str, broker_pid: int | None = None, curve: CurveKeys | None = None
+) -> ServiceInfo:
     """Ask a running service for its shards and workers; find its local processes.
 
     Raises :class:`BenchmarkError` naming the address when it does not answer.
     """
     try:
-        with Client(address, timeout=CONTROL_TIMEOUT) as client:
+        with Client(address, timeout=CONTROL_TIMEOUT, curve=curve) as client:
             stats = client.stats(timeout=CONTROL_TIMEOUT)
             workers = client.workers(timeout=CONTROL_TIMEOUT)
     except ShardpoolError as exc:
@@ -123,7 +127,8 @@ def inspect_service(address: str, broker_pid: int | None = None) -> ServiceInfo:
     shard_pids = _shard_pids(stats)
     if broker_pid is None:
         broker_pid = listener_pid(address) or _parent_serve(shard_pids)
-    return ServiceInfo(address, total, len(stats.get("shards") or {}), broker_pid, shard_pids)
+    shards = len(stats.get("shards") or {})
+    return ServiceInfo(address, total, shards, broker_pid, shard_pids, curve)
 
 
 async def measure_service(
@@ -131,7 +136,7 @@ async def measure_service(
 ) -> tuple[Sample, dict[str, float]]:
     """``concurrency`` jobs in flight through one AsyncClient; CPU of every local process."""
     body = b"x" * size
-    async with AsyncClient(info.address, timeout=JOB_TIMEOUT) as client:
+    async with AsyncClient(info.address, timeout=JOB_TIMEOUT, curve=info.curve) as client:
         return await measure_echo(
             lambda: client.exec(body),
             body,
