@@ -13,6 +13,7 @@ from typing import Any
 import uvloop
 import zmq
 
+from shardpool import __version__
 from shardpool.argtypes import (
     add_curve_options,
     curve_keys,
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run jobs on persistent PHP workers (RoadRunner's worker model).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"shardpool {__version__}")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
 
     from shardpool import benchmark
