@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("exec", "run one job on a running server and print the reply body"),
         ("workers", "list every shard's workers"),
+        ("top", "a live view of every shard's workers (workers --watch)"),
         ("stats", "show job counts, queue length and shard load"),
         ("reset", "replace every worker, one shard at a time"),
         ("shutdown", "drain and stop a running server"),
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="a live view refreshed every second (Ctrl-C to leave)",
             )
+        if name in ("workers", "top"):
             cmd.add_argument(
                 "--interval", type=seconds, default=1.0, help="seconds between refreshes"
             )
@@ -300,10 +302,10 @@ def _client_command(args: argparse.Namespace) -> int:
             sys.stdout.buffer.write(reply.body)
             if sys.stdout.isatty():
                 sys.stdout.write("\n")
-        elif args.subcommand == "workers":
+        elif args.subcommand in ("workers", "top"):
             from shardpool import top
 
-            if args.watch:
+            if args.subcommand == "top" or args.watch:
                 return top.watch(client, args.interval)
             data = client.workers()
             if args.json:

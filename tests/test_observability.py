@@ -240,7 +240,8 @@ def test_text_logs_carry_the_process_label(tmp_path: Path) -> None:
 # -- the live view -------------------------------------------------------------
 
 
-def test_workers_watch_shows_the_workers_in_a_terminal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["workers", "--watch"], ["top"]], ids=["watch", "top"])
+def test_workers_watch_shows_the_workers_in_a_terminal(tmp_path: Path, command: list[str]) -> None:
     service = Service(tmp_path, "--shards", "2", "--workers", "1")
     try:
         with Client(service.address, timeout=10) as client:
@@ -251,7 +252,7 @@ def test_workers_watch_shows_the_workers_in_a_terminal(tmp_path: Path) -> None:
             os.environ["COLUMNS"], os.environ["LINES"] = "120", "40"
             os.execv(
                 sys.executable,
-                [sys.executable, "-m", "shardpool", "workers", "--watch", "--connect",
+                [sys.executable, "-m", "shardpool", *command, "--connect",
                  service.address, "--interval", "0.3"],
             )  # fmt: skip
         screen = _read_until(
