@@ -201,6 +201,23 @@ def test_bad_metrics_address_names_the_setting(tmp_path: Path) -> None:
     assert "metrics" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_metrics_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "shardpool", "serve", "--shards", "1",
+             "--frontend", f"tcp://127.0.0.1:{free_port()}", "--metrics", str(port)],
+            capture_output=True, text=True, timeout=30, cwd=ROOT,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # -- logs ---------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from shardpool.config import metrics_address
+from shardpool.errors import ConfigError
 
 if TYPE_CHECKING:
     from shardpool.broker.broker import Broker
@@ -182,7 +183,7 @@ class MetricsServer:
         try:
             self._server, self._thread = start_http_server(port, host, registry=registry)
         except OSError as exc:
-            raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+            raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
         self.url = f"http://{host}:{self._server.server_port}/metrics"
         log.info("metrics at %s", self.url)
 
