@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardpool.benchmark.drive import drive as _drive
+from shardpool.benchmark.runner import size_label as size_label  # for the bench scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -122,14 +123,6 @@ def limit_run(workers: int, size: int, duration: float, worker: Path = ECHO) -> 
     if match is None:
         raise RuntimeError(f"unexpected gbench output: {out!r}")
     return Run(float(match[1]), float(match[2]), float(match[3]))
-
-
-def size_label(size: int) -> str:
-    if size >= 1 << 20 and size % (1 << 20) == 0:
-        return f"{size >> 20} MiB"
-    if size >= 1024 and size % 1024 == 0:
-        return f"{size >> 10} KiB"
-    return f"{size} B"
 
 
 def machine() -> str:

@@ -14,6 +14,7 @@ import msgspec
 
 from shardpool.config import PoolConfig, convert, to_json
 from shardpool.curve import CURVE_ENV
+from shardpool.worker.process import exit_how
 
 log = logging.getLogger("shardpool.broker")
 
@@ -173,13 +174,7 @@ class LocalShard:
             self.proc.kill()
 
     def describe_exit(self, code: int) -> str:
-        if code < 0:
-            try:
-                how = f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        else:
-            how = f"exited with status {code}"
+        how = exit_how(code)
         tail = "\n".join(self.tail)
         return f"shard {self.name} (pid {self.pid}) {how}" + (f":\n{tail}" if tail else "")
 

@@ -29,6 +29,16 @@ LOG_RATE = 100.0
 LOG_BURST = 500.0
 
 
+def exit_how(code: int) -> str:
+    """A return code in words: 'exited with status 3', 'was killed by SIGKILL'."""
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
 class LineLogger(asyncio.Protocol):
     """Logs a pipe line by line with the worker's pid, and keeps the last lines."""
 
@@ -200,15 +210,7 @@ class PhpProcess:
     def describe_exit(self) -> str:
         """'exited with status 3' / 'killed by SIGKILL', plus the last STDERR lines."""
         code = self.returncode
-        if code is None:
-            what = "is still running"
-        elif code < 0:
-            try:
-                what = f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                what = f"was killed by signal {-code}"
-        else:
-            what = f"exited with status {code}"
+        what = "is still running" if code is None else exit_how(code)
         tail = "\n".join(self.stderr_tail)
         return f"worker pid {self.pid} {what}" + (
             f"; last {'STDERR' if self.pipes else 'output'} lines:\n{tail}" if tail else ""
