@@ -138,6 +138,13 @@ class Service:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def stop_leaving_no_php(self) -> None:
+        """Stop (exit 0 expected), then check no PHP process is left: for a service
+        shared by a module, where the per-test ``no_leaked_php`` check cannot apply."""
+        assert self.stop() == 0, self.output()
+        _, alive = psutil.wait_procs(php_children(), timeout=15)  # bounded, not tight
+        assert not alive, f"PHP processes outlived the service: {alive}"
+
     def stop(self, timeout: float = 30.0) -> int:
         import signal
 

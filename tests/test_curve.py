@@ -8,9 +8,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import ROOT, Service, free_port, php_children
+from conftest import ROOT, Service, free_port
 
 from shardpool.client import Client
 from shardpool.curve import client_keys
@@ -85,9 +84,7 @@ def curved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Curved]:
     try:
         yield setup
     finally:
-        assert setup.service.stop() == 0, setup.service.output()
-        _, alive = psutil.wait_procs(php_children(), timeout=5)
-        assert not alive, f"PHP processes outlived the service: {alive}"
+        setup.service.stop_leaving_no_php()
 
 
 def test_a_client_with_an_allowed_key_is_served(curved: Curved) -> None:

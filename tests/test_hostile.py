@@ -25,7 +25,7 @@ import psutil
 import pytest
 import yaml
 import zmq
-from conftest import WORKERS, Service, php_children
+from conftest import WORKERS, Service
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -58,9 +58,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     try:
         yield svc
     finally:
-        assert svc.stop() == 0, svc.output()
-        _, alive = psutil.wait_procs(php_children(), timeout=5)
-        assert not alive, f"PHP processes outlived the service: {alive}"
+        svc.stop_leaving_no_php()
 
 
 class Raw:
