@@ -204,6 +204,38 @@ async def test_pipelining_goes_to_the_worker_with_the_fewest_jobs_outstanding(de
         assert sorted(results[:-1]) == sorted([b"slept"] * (len(tasks) - 1))
 
 
+class RecordingTransport:
+    """A worker's pipe that records each write() it is asked for."""
+
+    def __init__(self, transport: Any, writes: list[bytes]) -> None:
+        self._transport = transport
+        self._writes = writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append(bytes(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+@async_test(timeout=10)
+async def test_jobs_pipelined_in_one_pass_cross_the_pipe_in_one_write(depth: int) -> None:
+    """The first job wakes PHP at once; the ones behind it go together, in one
+    write() and so one wake-up, and are answered in order."""
+    async with Pool(config(pipeline_depth=depth)) as pool:
+        (worker,) = pool._workers
+        writes: list[bytes] = []
+        worker._transport = RecordingTransport(worker._transport, writes)  # type: ignore[assignment]
+        bodies = [f"echo:{i}".encode() for i in range(depth)]
+        tasks = submit(pool, *bodies)
+        assert await answers(tasks) == [f"{i}".encode() for i in range(depth)]
+        assert len(writes) == 2, writes
+        assert bodies[0] in writes[0] and bodies[1] not in writes[0]
+        assert all(body in writes[1] for body in bodies[1:])
+
+
 # ---------------------------------------------------------------- failures in the pipe
 
 

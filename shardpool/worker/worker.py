@@ -176,6 +176,9 @@ class Worker:
         self._error: ShardpoolError | None = None
         self._paused = False
         self._killed = False
+        #: Frames of jobs pipelined behind a busy one, written together at the
+        #: end of the loop pass: one write() and one PHP wake-up for them all.
+        self._wbuf: list[bytes] = []
         #: Called (synchronously) each time a job completes, so a pool can
         #: write the next job before any waiting coroutine runs.
         self.on_free: Callable[[Worker], None] | None = None
@@ -463,10 +466,17 @@ class Worker:
                 _HEADERS.clear()
             header = _HEADERS[key] = job_header(key[0], key[1], key[2])
         assert transport is not None
-        if key[1] < _WRITE_JOIN_LIMIT:
-            transport.write(b"".join((header, context, body)))  # one allocation
-        else:
+        if key[1] >= _WRITE_JOIN_LIMIT:
+            self._flush_writes()
             transport.writelines((header, context, body))
+        elif self._pending:
+            # PHP is busy with an earlier job: gather this pass's frames into
+            # one write, which PHP reads in one go when it gets to them.
+            if not self._wbuf:
+                self.loop.call_soon(self._flush_writes)
+            self._wbuf.append(b"".join((header, context, body)))
+        else:
+            transport.write(b"".join((header, context, body)))  # one allocation
         job.worker = self
         if not self._pending:
             self.head_since = time.monotonic()
@@ -690,8 +700,18 @@ class Worker:
             self.done.set_result(None if ended_well else self._error)
 
     def _write(self, data: bytes) -> None:
+        self._flush_writes()  # frames keep their order
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
+
+    def _flush_writes(self) -> None:
+        buf = self._wbuf
+        if buf:
+            data = buf[0] if len(buf) == 1 else b"".join(buf)
+            buf.clear()
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
 
     async def _wait_dead(self, timeout: float) -> None:
         try:
