@@ -32,7 +32,19 @@ from shardpool.errors import (
 )
 from shardpool.ipc import Factory, factory_for
 from shardpool.payload import Payload
-from shardpool.protocol import PING, PONG, STOP, STREAM, Frame, FrameDecoder, encode_control
+from shardpool.protocol import (
+    CODEC_RAW,
+    ERROR,
+    PING,
+    PONG,
+    STOP,
+    STREAM,
+    Frame,
+    FrameDecoder,
+    encode_control,
+    encode_frame,
+    encode_job,
+)
 from shardpool.worker.state import WorkerState
 from shardpool.worker.worker import Worker, jittered
 
@@ -415,6 +427,35 @@ async def test_pipelined_jobs_are_answered_in_order_exactly_once(relay: str) -> 
         assert worker.jobs_done == 50
         assert worker.in_flight == 0
         assert worker.state is WorkerState.READY
+
+
+@async_test(timeout=10)
+async def test_replies_arriving_in_one_read_each_reach_their_own_caller(relay: str) -> None:
+    """A pipelined worker's replies often arrive several to a read, mixed in kind
+    and the last one cut: each caller still gets exactly its own answer.
+
+    The bytes are handed to the worker as its channel would (``feed``) while
+    its PHP process sleeps: only that way is the split between reads exact."""
+    async with relay_factory(relay) as factory, spawned(factory, "slow.php") as worker:
+        tasks = [asyncio.create_task(worker.exec(Payload(b"30000"))) for _ in range(5)]
+        await asyncio.sleep(0)  # each exec writes its job on its first step
+        assert worker.in_flight == 5
+        last = encode_job(b"e" * 100)
+        worker.feed(
+            encode_job(b"a")
+            + encode_job(b"b", b"ctx")
+            + encode_frame(b"oops", CODEC_RAW | ERROR)
+            + encode_job(b"d")
+            + last[:20]
+        )
+        worker.feed(last[20:])
+        a, b, oops, d, e = await asyncio.gather(*tasks, return_exceptions=True)
+        assert (a.body, a.context) == (b"a", b"")
+        assert (b.body, b.context) == (b"b", b"ctx")
+        assert isinstance(oops, SoftJobError) and str(oops) == "oops"
+        assert (d.body, e.body) == (b"d", b"e" * 100)
+        assert (worker.in_flight, worker.jobs_done) == (0, 5)
+        worker.kill()
 
 
 @async_test(timeout=10)

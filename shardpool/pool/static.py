@@ -395,20 +395,23 @@ class Pool:
         slow = self._slow_after() if self._auto else 0.0
         now = time.monotonic() if self._auto else 0.0
         for worker in self._workers:
-            n = worker.in_flight
+            n = len(worker._pending)  # the hot path: no property call
             if n < best_n and self._pipelinable(worker):
                 if slow and now - worker.head_since > slow:
                     continue
                 best, best_n = worker, n
         return best
 
-    def _pipelinable(self, worker: Worker) -> bool:
-        if worker.retiring or worker.error is not None or worker.streaming:
+    @staticmethod
+    def _pipelinable(worker: Worker) -> bool:
+        state = worker.state
+        if (state is not _WORKING and state is not _READY) or worker.retiring:
             return False
-        if worker.state is not WorkerState.WORKING and worker.state is not WorkerState.READY:
-            return False
+        pending = worker._pending  # the hot path: no property calls
+        if worker._error is not None or (pending and pending[0].chunks is not None):
+            return False  # broken, or a stream at the head of the pipe
         # Never write more jobs than max_jobs leaves: the worker retires after them.
-        return not (worker.max_jobs and worker.jobs_done + worker.in_flight >= worker.max_jobs)
+        return not (worker.max_jobs and worker.jobs_done + len(pending) >= worker.max_jobs)
 
     def _slow_after(self) -> float:
         """auto depth: a job running longer than this is treated as slow.

@@ -290,32 +290,38 @@ class Worker:
         return error
 
     def feed(self, data: bytes) -> None:
-        # Fast path: exactly one plain reply (no control, error or stream flag)
-        # in this read, nothing buffered: no Frame object, no generic dispatch.
-        if (
-            len(data) >= 16
-            and data[0] == _JOB_B0
+        # Fast path: plain replies (no control, error or stream flag), whole in
+        # this read, nothing buffered: no Frame object, no generic dispatch.
+        # A pipelined worker's read often holds several of them.
+        pos, end = 0, len(data)
+        while (
+            end - pos >= 16
+            and data[pos] == _JOB_B0
             and self._garbage is None
             and self._pending
             and not self._decoder._buf
         ):
-            _, flags, size, crc, stream, _ = _HEADER.unpack_from(data)
+            _, flags, size, crc, stream, _ = _HEADER.unpack_from(data, pos)
+            frame_end = pos + 16 + size
             if (
-                size + 16 == len(data)
-                and not stream
-                and not flags & (CONTROL | ERROR)
-                and zlib.crc32(data[:6]) == crc
+                frame_end > end
+                or stream
+                or flags & (CONTROL | ERROR)
+                or zlib.crc32(data[pos : pos + 6]) != crc
             ):
-                n = _U32.unpack_from(data, 12)[0]
-                if n == 0:
-                    self._complete(self._pending[0], Payload(data[16:], b"", flags))
-                    return
-                if n < size:
-                    self._complete(
-                        self._pending[0], Payload(data[16 + n :], data[16 : 16 + n], flags)
-                    )
-                    return
-        self._feed(data)
+                break
+            n = _U32.unpack_from(data, pos + 12)[0]
+            body_at = pos + 16 + n
+            if n == 0:
+                reply = Payload(data[body_at:frame_end], b"", flags)
+            elif n < size:
+                reply = Payload(data[body_at:frame_end], data[pos + 16 : body_at], flags)
+            else:
+                break  # context only: maybe a stop request; the generic path decides
+            pos = frame_end
+            self._complete(self._pending[0], reply)
+        if pos < end:
+            self._feed(data[pos:] if pos else data)
 
     def _feed(self, data: bytes) -> None:
         if self._garbage is not None:
