@@ -107,14 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=non_negative_int,
         help="shard processes to start (default: CPU count; 0: only shards that connect)",
     )
-    serve.add_argument("--workers", type=positive_int, help="PHP workers per shard")
     serve.add_argument("--frontend", help="client endpoint (default tcp://127.0.0.1:7400)")
     serve.add_argument("--backend", help="shard endpoint (default: a private ipc:// path)")
-    serve.add_argument("--worker", help="PHP worker script (default: the bundled echo worker)")
-    serve.add_argument("--command", help="full worker command, e.g. 'php app/worker.php'")
-    serve.add_argument(
-        "--pipeline-depth", type=_depth, help="jobs per worker pipe: 1 (default), N or auto"
-    )
+    _add_pool_flags(serve, "PHP workers per shard")
     serve.add_argument("--heartbeat", type=seconds, help="seconds between heartbeats")
     serve.add_argument(
         "--prefetch", type=int, help="jobs per worker a shard holds beyond those running (32)"
@@ -138,8 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard.add_argument("-c", "--config", help="YAML config file (its pool: section is used)")
     shard.add_argument("--name", help="shard name (default: host-pid)")
-    shard.add_argument("--workers", type=positive_int, help="PHP workers")
-    shard.add_argument("--worker", help="PHP worker script")
+    _add_pool_flags(shard, "PHP workers")
     shard.add_argument("--heartbeat", type=seconds, default=1.0, help=argparse.SUPPRESS)
     shard.add_argument("--liveness", type=positive_int, default=3, help=argparse.SUPPRESS)
     shard.add_argument(
@@ -207,16 +201,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.config:
         base = to_builtins(load_config(args.config))
     _apply_options(base, args.option)
-    pool = dict(base.pop("pool", {}) or {})
-    if args.workers:
-        pool["num_workers"] = args.workers
-    if args.worker:
-        _check_script(args.worker)
-        pool["command"] = ["php", args.worker]
-    if args.command:
-        pool["command"] = args.command
-    if args.pipeline_depth:
-        pool["pipeline_depth"] = args.pipeline_depth
+    pool = _pool_flags(args, dict(base.pop("pool", {}) or {}))
     config = serve_config(
         base,
         shards=args.shards,
@@ -249,6 +234,30 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pool_flags(parser: argparse.ArgumentParser, workers_help: str) -> None:
+    """The pool settings both serve and shard take as flags."""
+    parser.add_argument("--workers", type=positive_int, help=workers_help)
+    parser.add_argument("--worker", help="PHP worker script (default: the bundled echo worker)")
+    parser.add_argument("--command", help="full worker command, e.g. 'php app/worker.php'")
+    parser.add_argument(
+        "--pipeline-depth", type=_depth, help="jobs per worker pipe: 1 (default), N or auto"
+    )
+
+
+def _pool_flags(args: argparse.Namespace, pool: dict[str, Any]) -> dict[str, Any]:
+    """``pool`` (a pool: section) with the flags of _add_pool_flags applied over it."""
+    if args.workers:
+        pool["num_workers"] = args.workers
+    if args.worker:
+        _check_script(args.worker)
+        pool["command"] = ["php", args.worker]
+    if args.command:
+        pool["command"] = args.command
+    if args.pipeline_depth:
+        pool["pipeline_depth"] = args.pipeline_depth
+    return pool
+
+
 def _shard(args: argparse.Namespace) -> int:
     from shardpool.broker.local import pool_from_env
     from shardpool.config import load_config, pool_config, to_builtins
@@ -261,12 +270,7 @@ def _shard(args: argparse.Namespace) -> int:
     if config is None:
         data = to_builtins(load_config(args.config).pool) if args.config else {}
         _apply_options(data, [(p[1:] if p[0] == "pool" else p, v) for p, v in args.option])
-        if args.workers:
-            data["num_workers"] = args.workers
-        if args.worker:
-            _check_script(args.worker)
-            data["command"] = ["php", args.worker]
-        config = pool_config(data)
+        config = pool_config(_pool_flags(args, data))
     shard = Shard(
         config,
         args.connect,

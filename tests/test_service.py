@@ -255,7 +255,7 @@ def test_remote_shard_started_by_hand_joins_over_tcp(tmp_path: Path) -> None:
     svc = Service(tmp_path, "--shards", "1", "--workers", "1", "--backend", backend)
     remote = subprocess.Popen(
         [sys.executable, "-m", "shardpool", "shard", "--connect", backend, "--name", "remote",
-         "--workers", "1"],
+         "--workers", "1", "--pipeline-depth", "2", "--prefetch", "8"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -268,6 +268,8 @@ def test_remote_shard_started_by_hand_joins_over_tcp(tmp_path: Path) -> None:
             stats = client.stats()
         assert len(replies) == 2000
         assert stats["shards"]["remote"]["jobs_done"] > 0
+        # its flags took effect: 1 worker x depth 2, plus 8 prefetched
+        assert stats["shards"]["remote"]["capacity"] == 1 * 2 + 8
     finally:
         remote.send_signal(signal.SIGTERM)
         assert remote.wait(20) == 0

@@ -288,6 +288,34 @@ async def test_exec_timeout_raises_and_kills_the_worker(relay: str) -> None:
 
 
 @async_test(timeout=10)
+async def test_a_short_exec_ttl_behind_a_long_one_still_fires_on_time(relay: str) -> None:
+    """Pipelined: the second job's TTL is far shorter than the first's. It must
+    still be killed at its own TTL, counted from when PHP started it."""
+    async with relay_factory(relay) as factory, spawned(factory, "slow.php") as worker:
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(worker.exec(Payload(b"100"), timeout=30.0))
+        second = asyncio.create_task(worker.exec(Payload(b"5000"), timeout=0.3))
+        assert (await first).body == b"100"
+        started = loop.time()
+        with pytest.raises(ExecTTLError, match=r"0\.3s"):
+            await second
+        assert 0.2 <= loop.time() - started < 2.0
+        await ended(worker)
+
+
+@async_test(timeout=10)
+async def test_a_long_exec_ttl_behind_a_short_one_is_not_cut_short(relay: str) -> None:
+    """Pipelined: the first job's short TTL ends while the second job runs; the
+    second, with a longer TTL of its own, is answered."""
+    async with relay_factory(relay) as factory, spawned(factory, "slow.php") as worker:
+        first = asyncio.create_task(worker.exec(Payload(b"10"), timeout=0.2))
+        second = asyncio.create_task(worker.exec(Payload(b"600"), timeout=5.0))
+        assert (await first).body == b"10"
+        assert (await second).body == b"600"
+        assert worker.state is WorkerState.READY
+
+
+@async_test(timeout=10)
 async def test_exec_within_timeout_is_answered(relay: str) -> None:
     async with relay_factory(relay) as factory, spawned(factory, "slow.php") as worker:
         reply = await worker.exec(Payload(b"10"), timeout=5.0)

@@ -32,6 +32,8 @@ log = logging.getLogger("shardpool.shard")
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 3  # the pool could not start: serve must not respawn forever
 _RECONNECT_MAX = 5.0
+# pyzmq's constants are enums, and `int & enum` runs Python code: plain ints on the hot path.
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 FLUSH_DELAY = 0.002  # longest a reply waits for company (uvloop timers tick in whole ms)
 
 
@@ -164,9 +166,9 @@ class Shard:
     def _readable(self) -> None:
         # The FD is edge-triggered: drain until EVENTS says nothing is left.
         sock = self._sock
-        while sock is not None and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while sock is not None and int(sock.getsockopt(_EVENTS)) & _POLLIN:
             try:
-                data = sock.recv(zmq.NOBLOCK)
+                data = sock.recv(_NOBLOCK)
             except zmq.Again:
                 break
             self._on_message(data)
@@ -178,11 +180,11 @@ class Shard:
         if self._sock is None:
             return
         try:
-            self._sock.send(wire.encode(message), zmq.NOBLOCK)
+            self._sock.send(wire.encode(message), _NOBLOCK)
         except zmq.Again:
             log.warning("shard %s: broker connection full; message dropped", self.name)
         # A send can consume the edge that announced incoming messages.
-        if int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        if int(self._sock.getsockopt(_EVENTS)) & _POLLIN:
             assert self._loop is not None
             self._loop.call_soon(self._readable)
 

@@ -53,6 +53,7 @@ log = logging.getLogger("shardpool.worker")
 STOP_REQUEST = b'{"stop":true}'
 _GARBAGE_WINDOW = 0.1  # seconds to keep reading after bytes that are not a frame
 _GARBAGE_MAX = 4096
+_TTL_SLACK = 0.001  # loop timers tick in whole ms: a TTL this close to its end has ended
 _WRITE_JOIN_LIMIT = 16384  # below this, one joined buffer beats writelines
 _STREAM_HIGH_WATER = 64  # chunks queued before reading from the worker pauses
 _END = object()
@@ -91,7 +92,7 @@ class Job:
         self.chunks = chunks  # stream consumer's queue; None for exec()
         self.ttl_seconds = ttl_seconds  # exec TTL: the worker is killed past it
         self.parts: list[Payload] | None = None  # exec() of a streamed reply
-        self.ttl: asyncio.TimerHandle | None = None
+        self.ttl: float | None = None  # loop time its exec TTL runs out, once PHP has it
         self.queued_at = 0.0  # loop time the pool queued it, for allocate_timeout
         self.worker: Worker | None = None
         self.stopping = False
@@ -176,6 +177,9 @@ class Worker:
         self._error: ShardpoolError | None = None
         self._paused = False
         self._killed = False
+        #: The exec TTL timer (one per worker, see _arm_ttl) and when it fires.
+        self._ttl_timer: asyncio.TimerHandle | None = None
+        self._ttl_due = 0.0
         #: Frames of jobs pipelined behind a busy one, written together at the
         #: end of the loop pass: one write() and one PHP wake-up for them all.
         self._wbuf: list[bytes] = []
@@ -544,8 +548,7 @@ class Worker:
                 future.set_result(reply)
             else:
                 future.set_exception(reply)
-            if job.ttl is not None:
-                job.ttl.cancel()
+            job.ttl = None
             done = True
         else:
             done = False
@@ -618,8 +621,7 @@ class Worker:
             self._reader.resume_reading()
 
     def _finish_job(self, job: Job, result: object) -> None:
-        if job.ttl is not None:
-            job.ttl.cancel()
+        job.ttl = None
         if job.future.done():
             return
         if job.chunks is not None:
@@ -643,10 +645,34 @@ class Worker:
             job.future.set_result(result)
 
     def _arm_ttl(self, job: Job) -> None:
+        """Start ``job``'s exec TTL, now that it is at the head of the pipe.
+
+        One timer per worker, not one per job: a timer already due no later
+        than this deadline stays, and re-arms for the head job when it fires.
+        Creating and cancelling a timer for every job cost more than the rest
+        of a job's bookkeeping when every job carries a timeout (the service).
+        """
         assert job.ttl_seconds is not None
-        job.ttl = self.loop.call_later(
-            job.ttl_seconds, self._exec_ttl_reached, job, job.ttl_seconds
-        )
+        deadline = job.ttl = self.loop.time() + job.ttl_seconds
+        timer = self._ttl_timer
+        if timer is None or self._ttl_due > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._ttl_due = deadline
+            self._ttl_timer = self.loop.call_at(deadline, self._ttl_check)
+
+    def _ttl_check(self) -> None:
+        self._ttl_timer = None
+        if not self._pending or self._error is not None:
+            return
+        job = self._pending[0]
+        if job.ttl is None or job.ttl_seconds is None:
+            return
+        if job.ttl - self.loop.time() > _TTL_SLACK:
+            self._ttl_due = job.ttl
+            self._ttl_timer = self.loop.call_at(job.ttl, self._ttl_check)
+            return
+        self._exec_ttl_reached(job, job.ttl_seconds)
 
     def _exec_ttl_reached(self, job: Job, timeout: float) -> None:
         if job.future.done() or self._error is not None:
@@ -675,6 +701,9 @@ class Worker:
         if self._error is not None:
             return
         self._error = error or WorkerCrashedError(f"worker pid {self.pid} was stopped")
+        if self._ttl_timer is not None:
+            self._ttl_timer.cancel()
+            self._ttl_timer = None
         handshake = self._handshake
         if handshake is not None and not handshake.done():
             handshake.set_exception(self._error)
