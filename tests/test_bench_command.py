@@ -93,6 +93,33 @@ def test_quick_run_prints_table_json_and_plot_that_agree(tmp_path: Path) -> None
     assert data.startswith(PNG_MAGIC) and len(data) > 1000
 
 
+def test_pipeline_depths_are_measured_side_by_side_each_against_its_own_pool(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "bench.json"
+    result = bench(
+        "--quick", "--duration", "0.2", "--concurrency", "16", "--shards", "1",
+        "--pipeline-depth", "1,4", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["pipeline_depths"] == ["1", "4"]
+    configs = doc["configurations"]
+    assert [(c["pipeline_depth"], c["label"].endswith("depth 4")) for c in configs] == [
+        ("1", False),
+        ("4", True),
+    ]
+    pools = {b["id"]: b for b in doc["baselines"] if b["kind"] == "pool"}
+    assert sorted(b["pipeline_depth"] for b in pools.values()) == ["1", "4"]
+    for config in configs:
+        pool = pools[config["compared_with"]["pool"]]
+        assert pool["pipeline_depth"] == config["pipeline_depth"]
+        assert config["jobs"] > 0
+    rows = {r["configuration"] for r in table_rows(result.stdout)}
+    php = configs[0]["workers"]  # one shard with a worker per CPU
+    assert {f"serve 1 shard × {php} PHP, depth 4", f"in-process Pool, {php} PHP, depth 4"} <= rows
+
+
 def test_connect_measures_a_running_server(tmp_path: Path) -> None:
     service = Service(tmp_path, "--shards", "1", "--workers", "2")
     try:
@@ -125,6 +152,9 @@ def test_connect_measures_a_running_server(tmp_path: Path) -> None:
         ["--plot", "no/such/dir/bench.png"],
         ["--plot", "bench.txt"],
         ["--connect", "tcp://127.0.0.1:1", "--shards", "2"],
+        ["--pipeline-depth", "0"],
+        ["--pipeline-depth", "deep"],
+        ["--connect", "tcp://127.0.0.1:1", "--pipeline-depth", "4"],
     ],
 )
 def test_bad_arguments_give_a_one_line_error(args: list[str]) -> None:

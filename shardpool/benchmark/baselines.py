@@ -36,13 +36,19 @@ async def measure_pool(
     size: int,
     duration: float,
     warmup: float,
+    depth: str = "1",
 ) -> tuple[Sample, dict[str, float]]:
-    """The in-process pool of ``workers`` PHP workers, ``concurrency`` jobs in flight.
+    """The in-process pool of ``workers`` PHP workers, ``concurrency`` jobs in flight,
+    up to ``depth`` of them in one worker's pipe.
 
     CPU: this process (``client``: the callers and the pool) and the workers (``php``).
     """
     payload = Payload(b"x" * size)
-    config = pool_config(command=list(command), num_workers=workers)
+    config = pool_config(
+        command=list(command),
+        num_workers=workers,
+        pipeline_depth=depth if depth == "auto" else int(depth),
+    )
     async with Pool(config) as pool:
         return await measure_echo(
             lambda: pool.exec(payload),

@@ -31,6 +31,7 @@ QUICK_DURATION = 0.3
 PER_JOB_DURATION = 2.0  # php per job is slow and steady: a short run is enough
 MAX_CONCURRENCY = 65536
 MAX_SIZE = 64 << 20  # the client's and broker's default max payload
+MAX_DEPTH = 64  # as the pool config allows
 
 DESCRIPTION = """\
 Measure the service (broker + shards + PHP workers) on the bundled echo
@@ -47,6 +48,9 @@ flight (one caller at a time, a busy web app, a backlog); 16-byte bodies
 (the dispatch cost, not copying); 4 s per run after a short warm-up. --quick
 runs the same sweep at 0.3 s per run, for a first look in about ten seconds.
 Each configuration is measured once: on a busy machine, run it twice.
+--pipeline-depth D runs the service and the in-process pool with up to D jobs
+in each PHP worker's pipe (default 1: RoadRunner's dispatch); several depths
+are measured side by side.
 
 --connect measures a running server instead (its own shards and workers;
 the baselines get as many PHP workers); the CPU columns are filled only
@@ -58,6 +62,7 @@ examples:
   shardpool bench
   shardpool bench --quick --json bench.json --plot bench.png
   shardpool bench --shards 1,2,4 --concurrency 16,256 --size 16,1k,64k
+  shardpool bench --pipeline-depth 1,4 --concurrency 256
   shardpool bench --connect tcp://127.0.0.1:7400 --concurrency 64"""
 
 
@@ -111,6 +116,18 @@ def sizes(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"a body size is from 1 B to 64 MiB, got {part}")
         out.add(value)
     return sorted(out)
+
+
+def depths(text: str) -> list[str]:
+    """``1,4,auto`` -> pipeline depths (1 to 64, or auto), in that order."""
+    out: list[str] = []
+    for part in _parts(text):
+        value = part.lower()
+        if value != "auto":
+            value = str(_count(part, MAX_DEPTH))
+        if value not in out:
+            out.append(value)
+    return out
 
 
 def seconds(text: str) -> float:
@@ -172,6 +189,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add("--concurrency", type=counts, metavar="N[,N...]", help="jobs in flight (default 1,16,256)")
     add("--size", type=sizes, metavar="SIZE[,SIZE...]", help="body bytes, e.g. 16,1k (default 16)")
+    add(
+        "--pipeline-depth",
+        type=depths,
+        metavar="D[,D...]",
+        help="jobs per PHP worker's pipe, for the service and the pool baseline: "
+        "1 (default), N or auto",
+    )
     add("--duration", type=seconds, metavar="SECONDS", help="per measured run (default 4)")
     add("--worker", type=php_script, metavar="SCRIPT", help="a PHP worker that echoes its job")
     add("--json", type=output_file, metavar="FILE", help="write the results as JSON")
@@ -185,9 +209,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     from shardpool.benchmark.runner import Settings
 
     parser: argparse.ArgumentParser = args.bench_parser
-    if args.connect and (args.shards or args.workers):
+    if args.connect and (args.shards or args.workers or args.pipeline_depth):
         parser.error(
-            "--shards and --workers set up the embedded service; "
+            "--shards, --workers and --pipeline-depth set up the embedded service; "
             "with --connect the server's own are measured"
         )
     cpus = os.cpu_count() or 1
@@ -198,6 +222,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         worker=args.worker or str(DEFAULT_WORKER),
         sizes=args.size or DEFAULT_SIZES,
         concurrency=args.concurrency or DEFAULT_CONCURRENCY,
+        depths=args.pipeline_depth or ["1"],
         duration=duration,
         warmup=0.1 if args.quick else min(0.5, duration / 4),
         per_job_duration=min(duration, PER_JOB_DURATION),

@@ -85,7 +85,11 @@ class Report:
                 continue
             if kind is Kind.LIMIT and b.workers != step.workers:
                 continue
-            if kind is Kind.POOL and (b.workers, b.concurrency) != (step.workers, step.concurrency):
+            if kind is Kind.POOL and (b.workers, b.concurrency, b.depth) != (
+                step.workers,
+                step.concurrency,
+                step.depth,
+            ):
                 continue
             return base
         return None
@@ -230,7 +234,8 @@ class Report:
 
 def _baseline_id(r: Result) -> str:
     s = r.step
-    return f"{s.kind.value.replace(' ', '-')}/W{s.workers}/c{s.concurrency}/{s.size}B"
+    depth = f"/d{s.depth}" if s.kind is Kind.POOL and s.depth != "1" else ""
+    return f"{s.kind.value.replace(' ', '-')}/W{s.workers}/c{s.concurrency}/{s.size}B{depth}"
 
 
 def _figures(r: Result) -> dict[str, Any]:
@@ -239,6 +244,8 @@ def _figures(r: Result) -> dict[str, Any]:
     if s.kind is Kind.SERVICE:
         doc["shards"] = s.shards
         doc["address"] = s.address or None
+    if s.kind in (Kind.SERVICE, Kind.POOL) and not s.address:
+        doc["pipeline_depth"] = s.depth
     doc.update(
         workers=s.workers,
         concurrency=s.concurrency,

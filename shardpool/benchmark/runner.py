@@ -56,28 +56,30 @@ class Step:
     workers: int  # PHP workers in total (per-job php: processes at a time)
     shards: int = 0  # service only
     address: str = ""  # service with --connect only
+    depth: str = "1"  # pipeline depth of the pool and the service: "1".."64" or "auto"
 
     @property
     def label(self) -> str:
         if self.kind is Kind.LIMIT:
             return f"limit, {self.workers} PHP"
-        if self.kind is Kind.POOL:
-            return f"in-process Pool, {self.workers} PHP"
         if self.kind is Kind.PER_JOB:
             return "php per job"
         if self.address:
             return f"server {self.address}"
+        depth = "" if self.depth == "1" else f", depth {self.depth}"
+        if self.kind is Kind.POOL:
+            return f"in-process Pool, {self.workers} PHP{depth}"
         per = self.workers // self.shards
-        return f"serve {self.shards} shard{'s' if self.shards > 1 else ''} × {per} PHP"
+        return f"serve {self.shards} shard{'s' if self.shards > 1 else ''} × {per} PHP{depth}"
 
     def describe(self) -> str:
         return f"{self.label}, {self.concurrency} in flight, {size_label(self.size)}"
 
     @property
-    def service_key(self) -> tuple[int, int] | None:
+    def service_key(self) -> tuple[int, int, str] | None:
         if self.kind is not Kind.SERVICE or self.address:
             return None
-        return self.shards, self.workers // self.shards
+        return self.shards, self.workers // self.shards, self.depth
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Settings:
     per_job_duration: float
     services: list[tuple[int, int]]  # (shards, workers per shard); empty with connect
     connect: str | None = None
+    depths: list[str] = field(default_factory=lambda: ["1"])  # pipeline depths
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
@@ -103,6 +106,7 @@ class Settings:
             "worker": self.worker,
             "sizes": self.sizes,
             "concurrency": self.concurrency,
+            "pipeline_depths": self.depths,
             "duration": self.duration,
             "warmup": self.warmup,
             "per_job_duration": self.per_job_duration,
@@ -113,6 +117,7 @@ class Settings:
 
 def plan(settings: Settings, server: ServiceInfo | None = None) -> list[Step]:
     """Every run of the sweep, in order."""
+    depths = ["1"] if server is not None else settings.depths
     if server is not None:
         targets = [(server.shards, server.workers, server.address)]
     else:
@@ -123,11 +128,15 @@ def plan(settings: Settings, server: ServiceInfo | None = None) -> list[Step]:
         steps.append(Step(Kind.PER_JOB, size, settings.cpus, settings.cpus))
         for total in totals:
             steps.append(Step(Kind.LIMIT, size, total, total))
-            steps += [Step(Kind.POOL, size, c, total) for c in settings.concurrency]
-    for shards, total, address in targets:
-        for size in settings.sizes:
-            for c in settings.concurrency:
-                steps.append(Step(Kind.SERVICE, size, c, total, shards, address))
+            for depth in depths:
+                steps += [
+                    Step(Kind.POOL, size, c, total, depth=depth) for c in settings.concurrency
+                ]
+    for depth in depths:
+        for shards, total, address in targets:
+            for size in settings.sizes:
+                for c in settings.concurrency:
+                    steps.append(Step(Kind.SERVICE, size, c, total, shards, address, depth))
     return steps
 
 
@@ -178,7 +187,7 @@ class Runner:
         self.server = server
         self.results: list[Result] = []
         self._service: EmbeddedService | None = None
-        self._service_key: tuple[int, int] | None = None
+        self._service_key: tuple[int, int, str] | None = None
         self._info: ServiceInfo | None = server
 
     def run(self, steps: list[Step], progress: Progress) -> None:
@@ -204,7 +213,9 @@ class Runner:
         if step.kind is Kind.LIMIT:
             return uvloop.run(measure_limit(s.command, workers, size, s.duration, s.warmup))
         if step.kind is Kind.POOL:
-            return uvloop.run(measure_pool(s.command, workers, c, size, s.duration, s.warmup))
+            return uvloop.run(
+                measure_pool(s.command, workers, c, size, s.duration, s.warmup, step.depth)
+            )
         info = self._service_for(step)
         return uvloop.run(measure_service(info, c, size, s.duration, s.warmup))
 
@@ -215,8 +226,13 @@ class Runner:
             return self._info
         if key != self._service_key or self._info is None:
             self.close()
-            shards, per_shard = key
-            service = EmbeddedService(shards=shards, workers=per_shard, worker=self.settings.worker)
+            shards, per_shard, depth = key
+            service = EmbeddedService(
+                shards=shards,
+                workers=per_shard,
+                worker=self.settings.worker,
+                extra=["--pipeline-depth", depth],
+            )
             self._service, self._service_key = service, key
             service.start()
             self._info = inspect_service(service.address, broker_pid=service.pid)
