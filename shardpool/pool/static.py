@@ -232,8 +232,12 @@ class Pool:
             payload = Payload(payload)
         if self.config.debug:
             return await self._exec_debug(payload, timeout)
+        loop = self._loop
+        if loop is None:
+            raise PoolClosedError("the pool is not started: call start() or use 'async with'")
+        ttl = self._ttl if timeout is None else self._ttl_for(timeout)
         for _ in range(MAX_RETRIES):
-            job = Job(payload, self._new_future(), None, self._ttl_for(timeout))
+            job = Job(payload, loop.create_future(), None, ttl)
             self._submit(job)
             try:
                 return await job.future
@@ -313,7 +317,9 @@ class Pool:
         """Start ``job`` on an idle worker, or queue it."""
         if self._closing:
             raise PoolClosedError("the pool is closed")
-        check_payload(job.payload)
+        payload = job.payload
+        if not (payload.body or payload.context):
+            check_payload(payload)  # raises, naming the cause
         idle = self._idle
         while idle:
             worker = idle.pop()
