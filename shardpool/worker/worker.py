@@ -542,6 +542,7 @@ class Worker:
     def _complete(self, job: Job, reply: Payload | ShardpoolError) -> None:
         """The job at the head of the pipe got its final reply."""
         future = job.future
+        ok = isinstance(reply, Payload)
         if job.chunks is None and job.parts is None and not future.done():
             # The common case first: wake the caller before the bookkeeping.
             if isinstance(reply, Payload):
@@ -553,24 +554,22 @@ class Worker:
         else:
             done = False
         job.started = True
-        self._pending.popleft()
+        pending = self._pending
+        pending.popleft()
         self.jobs_done += 1
         now = time.monotonic()  # not loop.time(): uvloop's clock ticks in milliseconds
         self.last_used = now
         self.service_ewma += (now - self.head_since - self.service_ewma) * 0.1
         self.head_since = now
-        if self._pending and self._pending[0].ttl_seconds is not None:
-            self._arm_ttl(self._pending[0])  # exec TTL counts from when PHP starts the job
-        if not self._pending:
-            if self.state is WorkerState.WORKING:
-                self.state = WorkerState.READY
-            if (
-                self.max_jobs
-                and self.jobs_done >= self.max_jobs
-                and self.state is WorkerState.READY
-            ):
+        if pending:
+            if pending[0].ttl_seconds is not None:
+                self._arm_ttl(pending[0])  # exec TTL counts from when PHP starts the job
+        else:
+            if self.state is _WORKING:
+                self.state = _READY
+            if self.max_jobs and self.jobs_done >= self.max_jobs and self.state is _READY:
                 self.state = WorkerState.MAX_JOBS_REACHED
-        if isinstance(reply, WorkerStoppedError):
+        if not ok and isinstance(reply, WorkerStoppedError):
             self.set_end_reason("stop_request")
             self._try_transition(WorkerState.INVALID)
         if not done:
@@ -579,9 +578,10 @@ class Worker:
                 self._finish_job(job, _END)
             else:
                 self._finish_job(job, reply)
-        if self.on_free is not None:
+        on_free = self.on_free
+        if on_free is not None:
             try:
-                self.on_free(self)
+                on_free(self)
             except Exception:  # never let a pool bug tear down the worker's channel
                 log.exception("worker pid %d: on_free callback failed", self.pid)
 
