@@ -376,7 +376,24 @@ def test_next_deadline_is_the_earliest_of_requests_and_heartbeat(
     assert core.next_deadline() == clock.now + 2.0  # 1s + 1s grace
 
 
-def test_finished_requests_do_not_pile_up_in_the_deadline_heap(core: ClientCore) -> None:
+def test_requests_with_different_timeouts_each_expire_at_their_own_deadline(
+    core: ClientCore, clock: Clock
+) -> None:
+    long_first = job(core, timeout=5.0)
+    short = job(core, timeout=1.0)  # made later, due earlier
+    long_second = job(core, timeout=5.0)
+    assert core.next_deadline() == clock.now + 2.0  # 1s + 1s grace
+    clock.advance(2.0)
+    core.tick()
+    assert (short.done, long_first.done, long_second.done) == (True, False, False)
+    clock.advance(4.0)
+    core.tick()
+    assert long_first.done and long_second.done
+    with pytest.raises(UnavailableError, match="within 6s"):
+        long_second.result()
+
+
+def test_finished_requests_do_not_pile_up_among_the_deadlines(core: ClientCore) -> None:
     for _ in range(1000):
         request = job(core, timeout=60.0)
         core.receive(replies(wire.Reply(request.id)))
