@@ -44,8 +44,6 @@ from shardpool.errors import (
 log = logging.getLogger("shardpool.broker")
 
 _DRAIN_BATCH = 4096  # messages read from one socket per pass, for fairness
-# pyzmq's constants are enums, and operators on enums run Python code: plain ints here.
-_NOBLOCK, _SNDMORE, _RCVMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.RCVMORE)
 _EXPIRY_SCAN_INTERVAL = 0.005  # seconds between scans for queued jobs past their deadline
 
 
@@ -271,17 +269,12 @@ class Broker:
         return int(self.config.heartbeat * 1000 / 4)
 
     def _drain(self, sock: zmq.Socket[bytes], handle: Any) -> None:
-        recv, more = sock.recv, sock.getsockopt
         for _ in range(_DRAIN_BATCH):
             try:
-                ident = recv(_NOBLOCK)
+                ident, data = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            # The frames of one message arrive together: these reads cannot block.
-            data = recv(_NOBLOCK) if more(_RCVMORE) else None
-            if data is None or more(_RCVMORE):
-                while more(_RCVMORE):
-                    recv(_NOBLOCK)
+            except ValueError:
                 self.stats["bad_messages"] += 1  # not two frames: no way to know who sent it
                 continue
             handle(ident, data)
@@ -510,8 +503,7 @@ class Broker:
         )
 
     def _send_shard(self, shard: ShardState, message: Any) -> None:
-        self.backend.send(shard.ident, _SNDMORE)
-        self.backend.send(wire.encode(message))
+        self.backend.send_multipart([shard.ident, wire.encode(message)])
 
     # -- dispatch --------------------------------------------------------------
 
@@ -523,44 +515,35 @@ class Broker:
         # A shard gets a batch once a quarter of its credit is free (or the
         # whole queue fits), not one job per freed slot.
         backlog = len(queue)
-        shards, frees = [], []
-        for shard in self.shards.values():
-            free = shard.free
-            if free > 0 and free >= min(backlog, shard.batch_min):
-                shards.append(shard)
-                frees.append(free)
+        shards = [s for s in self.shards.values() if s.free >= min(backlog, s.batch_min)]
         if not shards:
             return
         now = time.monotonic()
         out = self.out_shards
-        for shard, share in zip(shards, _shares(frees, min(backlog, sum(frees))), strict=True):
-            if not share:
-                continue
+        while queue and shards:
+            pending = queue.popleft()
+            if pending.deadline:
+                self._deadlines -= 1
+                if pending.deadline <= now:
+                    self._expire(pending)
+                    continue
+            shard = max(shards, key=_free) if len(shards) > 1 else shards[0]
+            pending.shard = shard
+            shard.in_flight[pending.iid] = pending
+            job = wire.Job(
+                pending.iid,
+                pending.body,
+                pending.ctx,
+                pending.deadline - now if pending.deadline else 0.0,
+                pending.stream,
+            )
             batch = out.get(shard.ident)
             if batch is None:
-                batch = out[shard.ident] = []
-            in_flight = shard.in_flight
-            while share and queue:
-                pending = queue.popleft()
-                if pending.deadline:
-                    self._deadlines -= 1
-                    if pending.deadline <= now:
-                        self._expire(pending)
-                        continue
-                pending.shard = shard
-                in_flight[pending.iid] = pending
-                batch.append(
-                    wire.Job(
-                        pending.iid,
-                        pending.body,
-                        pending.ctx,
-                        pending.deadline - now if pending.deadline else 0.0,
-                        pending.stream,
-                    )
-                )
-                share -= 1
-            if not batch:
-                del out[shard.ident]
+                out[shard.ident] = [job]
+            else:
+                batch.append(job)
+            if shard.free <= 0:
+                shards.remove(shard)
 
     def _expire(self, pending: _Pending) -> None:
         error = JobTimeoutError(
@@ -577,19 +560,16 @@ class Broker:
         if self.out_shards:
             out, self.out_shards = self.out_shards, {}
             self.stats["shard_messages_out"] += len(out)
-            backend = self.backend
             for ident, jobs in out.items():
-                backend.send(ident, _SNDMORE)
-                backend.send(wire.encode(wire.Submit(jobs=jobs)))
+                self.backend.send_multipart([ident, wire.encode(wire.Submit(jobs=jobs))])
         if self.out_clients:
             out_c, self.out_clients = self.out_clients, {}
             self.stats["client_messages_out"] += len(out_c)
             for client, replies in out_c.items():
                 try:
-                    # Routing happens on the first frame: that is where a full
-                    # queue or a gone client shows; the second then goes too.
-                    self.frontend.send(client, _SNDMORE | _NOBLOCK)
-                    self.frontend.send(wire.encode(wire.Replies(replies=replies)), _NOBLOCK)
+                    self.frontend.send_multipart(
+                        [client, wire.encode(wire.Replies(replies=replies))], zmq.NOBLOCK
+                    )
                 except zmq.Again:  # its queue is full (client_hwm): a slow reader
                     self._undelivered(client, len(replies), "is not reading its replies")
                 except zmq.ZMQError as exc:
@@ -723,30 +703,8 @@ class Broker:
         os.close(self._wake_w)
 
 
-def _shares(frees: list[int], total: int) -> list[int]:
-    """Split ``total`` jobs over shards with ``frees`` room so that the room
-    left is as even as it can be: each job goes where the most room is.
-
-    Finds the lowest level L the room can be filled down to (the largest L with
-    at least ``total`` room above it), then hands back the surplus one job each
-    from shards filled to L. Needs ``total <= sum(frees)``.
-    """
-    lo, hi = 0, max(frees)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if sum(f - mid for f in frees if f > mid) >= total:
-            lo = mid
-        else:
-            hi = mid - 1
-    shares = [f - lo if f > lo else 0 for f in frees]
-    surplus = sum(shares) - total
-    for i, share in enumerate(shares):
-        if surplus <= 0:
-            break
-        if share:
-            shares[i] -= 1
-            surplus -= 1
-    return shares
+def _free(shard: ShardState) -> int:
+    return shard.free
 
 
 def _ipc_path(address: str) -> str | None:
