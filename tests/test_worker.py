@@ -487,6 +487,28 @@ async def test_replies_arriving_in_one_read_each_reach_their_own_caller(relay: s
 
 
 @async_test(timeout=10)
+async def test_a_stream_ending_while_its_reader_is_paused_leaves_the_worker_reading(
+    relay: str,
+) -> None:
+    """A consumer that does not keep up pauses reading from the worker. When the
+    stream's last frame came in the same read, the job ends with reading paused:
+    the worker must read again, or the next job's reply is never seen (it then
+    looked like a job hanging until its exec TTL)."""
+    async with relay_factory(relay) as factory, spawned(factory, "slow.php") as worker:
+        stream = worker.stream(Payload(b"30000"))  # PHP sleeps; we play its part below
+        consumer = asyncio.create_task(anext(stream))
+        await asyncio.sleep(0)  # the stream's first step writes the job
+        assert worker.in_flight == 1
+        chunk = encode_frame(b"chunk", CODEC_RAW, (0,), STREAM)
+        worker.feed(chunk * 100 + encode_job(b"end"))  # far past the high-water mark
+        assert (worker.in_flight, worker.state) == (0, WorkerState.READY)
+        assert worker._reader is not None and worker._reader.is_reading()
+        assert (await consumer).body == b"chunk"
+        await stream.aclose()
+        worker.kill()
+
+
+@async_test(timeout=10)
 async def test_crash_fails_the_running_job_started_and_queued_jobs_not_started(relay: str) -> None:
     async with relay_factory(relay) as factory, spawned(factory, "commands.php") as worker:
         results = await asyncio.gather(

@@ -578,6 +578,11 @@ class Worker:
                 self._finish_job(job, _END)
             else:
                 self._finish_job(job, reply)
+            if self._paused:
+                # A stream's reader paused for a slow consumer, and its final
+                # frame came in the same read: that backlog is this job's alone,
+                # and the next job's reply must be read.
+                self._resume_reading()
         on_free = self.on_free
         if on_free is not None:
             try:
