@@ -232,9 +232,7 @@ class Pool:
             payload = Payload(payload)
         if self.config.debug:
             return await self._exec_debug(payload, timeout)
-        loop = self._loop
-        if loop is None:
-            raise PoolClosedError("the pool is not started: call start() or use 'async with'")
+        loop = self._running_loop()
         ttl = self._ttl if timeout is None else self._ttl_for(timeout)
         for _ in range(MAX_RETRIES):
             job = Job(payload, loop.create_future(), None, ttl)
@@ -308,10 +306,13 @@ class Pool:
             return min(timeout, self._ttl)
         return timeout or self._ttl
 
-    def _new_future(self) -> asyncio.Future[Payload]:
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             raise PoolClosedError("the pool is not started: call start() or use 'async with'")
-        return self._loop.create_future()
+        return self._loop
+
+    def _new_future(self) -> asyncio.Future[Payload]:
+        return self._running_loop().create_future()
 
     def _submit(self, job: Job) -> None:
         """Start ``job`` on an idle worker, or queue it."""

@@ -542,7 +542,6 @@ class Worker:
     def _complete(self, job: Job, reply: Payload | ShardpoolError) -> None:
         """The job at the head of the pipe got its final reply."""
         future = job.future
-        ok = isinstance(reply, Payload)
         if job.chunks is None and job.parts is None and not future.done():
             # The common case first: wake the caller before the bookkeeping.
             if isinstance(reply, Payload):
@@ -569,7 +568,7 @@ class Worker:
                 self.state = _READY
             if self.max_jobs and self.jobs_done >= self.max_jobs and self.state is _READY:
                 self.state = WorkerState.MAX_JOBS_REACHED
-        if not ok and isinstance(reply, WorkerStoppedError):
+        if isinstance(reply, WorkerStoppedError):
             self.set_end_reason("stop_request")
             self._try_transition(WorkerState.INVALID)
         if not done:
