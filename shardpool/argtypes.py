@@ -4,22 +4,39 @@ from __future__ import annotations
 
 import argparse
 
+from shardpool.config import MAX_PIPELINE_DEPTH
 from shardpool.curve import CurveKeys, client_keys
 from shardpool.errors import ConfigError
 
 
-def positive_int(text: str) -> int:
+def _int_from(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a number of at least {least}, got {value}")
     return value
 
 
+def positive_int(text: str) -> int:
+    return _int_from(text, 1)
+
+
 def non_negative_int(text: str) -> int:
-    return 0 if text.strip() == "0" else positive_int(text)
+    return _int_from(text, 0)
+
+
+def pipeline_depth(text: str) -> int | str:
+    """A pool's ``pipeline_depth``: 1 to 64, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    value = positive_int(text)
+    if value > MAX_PIPELINE_DEPTH:
+        raise argparse.ArgumentTypeError(
+            f"a pipeline depth is from 1 to {MAX_PIPELINE_DEPTH} or auto, got {value}"
+        )
+    return value
 
 
 def seconds(text: str) -> float:

@@ -18,15 +18,12 @@ from shardpool.argtypes import (
     add_curve_options,
     curve_keys,
     non_negative_int,
+    pipeline_depth,
     positive_int,
     seconds,
 )
 from shardpool.curve import from_env as curve_from_env
 from shardpool.errors import ConfigError, ShardpoolError
-
-
-def _depth(text: str) -> int | str:
-    return "auto" if text == "auto" else positive_int(text)
 
 
 def _option(text: str) -> tuple[list[str], Any]:
@@ -112,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pool_flags(serve, "PHP workers per shard")
     serve.add_argument("--heartbeat", type=seconds, help="seconds between heartbeats")
     serve.add_argument(
-        "--prefetch", type=int, help="jobs per worker a shard holds beyond those running (32)"
+        "--prefetch",
+        type=non_negative_int,
+        help="jobs per worker a shard holds beyond those running (32)",
     )
     serve.add_argument(
         "--metrics",
@@ -137,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--heartbeat", type=seconds, default=1.0, help=argparse.SUPPRESS)
     shard.add_argument("--liveness", type=positive_int, default=3, help=argparse.SUPPRESS)
     shard.add_argument(
-        "--prefetch", type=int, default=32, help="jobs per worker held beyond those running"
+        "--prefetch",
+        type=non_negative_int,
+        default=32,
+        help="jobs per worker held beyond those running",
     )
     shard.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     _add_option_flag(shard, "-o max_jobs=100 -o supervisor.exec_ttl=30s (pool keys)")
@@ -240,7 +242,9 @@ def _add_pool_flags(parser: argparse.ArgumentParser, workers_help: str) -> None:
     parser.add_argument("--worker", help="PHP worker script (default: the bundled echo worker)")
     parser.add_argument("--command", help="full worker command, e.g. 'php app/worker.php'")
     parser.add_argument(
-        "--pipeline-depth", type=_depth, help="jobs per worker pipe: 1 (default), N or auto"
+        "--pipeline-depth",
+        type=pipeline_depth,
+        help="jobs per worker pipe: 1 (default), N or auto",
     )
 
 
@@ -278,7 +282,7 @@ def _shard(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
         liveness=args.liveness,
         parent_pid=args.parent_pid,
-        prefetch=max(0, args.prefetch),
+        prefetch=args.prefetch,
         curve=curve_keys(args) or curve_from_env(),
     )
     return uvloop.run(shard.run())

@@ -93,6 +93,9 @@ class DynamicAllocatorConfig(_Base):
     idle_timeout: Duration = Duration(60.0)
 
 
+MAX_PIPELINE_DEPTH = 64  # jobs written into one worker's pipe at most
+
+
 class PoolConfig(_Base):
     """The static pool: RoadRunner's ``pool:`` keys plus ``command`` and ``relay``."""
 
@@ -107,7 +110,7 @@ class PoolConfig(_Base):
     reset_timeout: Duration = Duration(60.0)
     stream_timeout: Duration = Duration(60.0)
     debug: bool = False
-    pipeline_depth: Annotated[int, msgspec.Meta(ge=1, le=64)] | Literal["auto"] = 1
+    pipeline_depth: Annotated[int, msgspec.Meta(ge=1, le=MAX_PIPELINE_DEPTH)] | Literal["auto"] = 1
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     dynamic_allocator: DynamicAllocatorConfig | None = None
 

@@ -326,6 +326,24 @@ def test_a_bad_config_flag_is_refused_naming_the_key(option: str, named: str) ->
     assert named in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["serve", "--pipeline-depth", "100"], "--pipeline-depth"),
+        (["shard", "--connect", "ipc:///nowhere", "--pipeline-depth", "0"], "--pipeline-depth"),
+        (["shard", "--connect", "ipc:///nowhere", "--prefetch", "-1"], "--prefetch"),
+        (["serve", "--prefetch", "lots"], "--prefetch"),
+    ],
+)
+def test_a_bad_pool_flag_is_a_usage_error_naming_it(args: list[str], named: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "shardpool", *args],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"error: argument {named}" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_exec_command_prints_the_reply(service: Service) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "shardpool", "exec", "--connect", service.address, "echo:hi there"],

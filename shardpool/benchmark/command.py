@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shardpool.argtypes import add_curve_options, curve_keys
+from shardpool.argtypes import add_curve_options, curve_keys, pipeline_depth
 from shardpool.config import DEFAULT_WORKER
 from shardpool.errors import ShardpoolError
 
@@ -31,7 +31,6 @@ QUICK_DURATION = 0.3
 PER_JOB_DURATION = 2.0  # php per job is slow and steady: a short run is enough
 MAX_CONCURRENCY = 65536
 MAX_SIZE = 64 << 20  # the client's and broker's default max payload
-MAX_DEPTH = 64  # as the pool config allows
 
 DESCRIPTION = """\
 Measure the service (broker + shards + PHP workers) on the bundled echo
@@ -122,9 +121,7 @@ def depths(text: str) -> list[str]:
     """``1,4,auto`` -> pipeline depths (1 to 64, or auto), in that order."""
     out: list[str] = []
     for part in _parts(text):
-        value = part.lower()
-        if value != "auto":
-            value = str(_count(part, MAX_DEPTH))
+        value = str(pipeline_depth(part))
         if value not in out:
             out.append(value)
     return out
