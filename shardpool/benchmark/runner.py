@@ -117,7 +117,7 @@ class Settings:
 
 def plan(settings: Settings, server: ServiceInfo | None = None) -> list[Step]:
     """Every run of the sweep, in order."""
-    depths = ["1"] if server is not None else settings.depths
+    depths = settings.depths  # ["1"] with --connect: the server's own depth applies
     if server is not None:
         targets = [(server.shards, server.workers, server.address)]
     else:

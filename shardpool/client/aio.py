@@ -9,7 +9,6 @@ import math
 from collections.abc import AsyncGenerator, Iterable, Iterator
 from typing import Any, Literal, overload
 
-from shardpool import wire
 from shardpool.client.connection import (
     _as_map,
     _ClientBase,
@@ -18,11 +17,7 @@ from shardpool.client.connection import (
 from shardpool.client.core import (
     _POLLIN,
     _POLLOUT,
-    DEFAULT_ADDRESS,
-    GRACE,
-    HEARTBEAT,
     Body,
-    Curve,
     K,
     MapWindow,
     Request,
@@ -60,20 +55,8 @@ class AsyncClient(_ClientBase):
     use from other threads.
     """
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        timeout: float | None = None,
-        curve: Curve = None,
-        *,
-        grace: float = GRACE,
-        heartbeat: float = HEARTBEAT,
-        max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
-    ) -> None:
-        super().__init__(
-            address, timeout, curve, grace=grace, heartbeat=heartbeat, max_payload=max_payload
-        )
-        self._conn: _Connection | None = None
+    def _init_io(self) -> None:
+        self._conn: _Connection | None = None  # opened on first use, on the running loop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_pending = False
         self._timer: asyncio.TimerHandle | None = None

@@ -8,18 +8,13 @@ from typing import Any, Literal, overload
 
 import zmq
 
-from shardpool import wire
 from shardpool.client.connection import (
     _as_map,
     _ClientBase,
     _Connection,
 )
 from shardpool.client.core import (
-    DEFAULT_ADDRESS,
-    GRACE,
-    HEARTBEAT,
     Body,
-    Curve,
     MapWindow,
     Request,
     to_payload,
@@ -42,20 +37,8 @@ class Client(_ClientBase):
     Replies are read only while a call is waiting. One thread at a time.
     """
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        timeout: float | None = None,
-        curve: Curve = None,
-        *,
-        grace: float = GRACE,
-        heartbeat: float = HEARTBEAT,
-        max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
-    ) -> None:
-        super().__init__(
-            address, timeout, curve, grace=grace, heartbeat=heartbeat, max_payload=max_payload
-        )
-        self._conn: _Connection | None = _Connection(address, self._curve)
+    def _init_io(self) -> None:
+        self._conn: _Connection | None = _Connection(self.address, self._curve)
         self._poller = zmq.Poller()
         self._poller.register(self._conn.sock, zmq.POLLIN)
         self._poller.register(self._conn.monitor, zmq.POLLIN)

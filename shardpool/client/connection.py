@@ -134,3 +134,8 @@ class _ClientBase:
             max_payload=max_payload,
             peer=f"the broker at {address}",
         )
+        self._init_io()
+
+    def _init_io(self) -> None:
+        """The driver's own state and socket (AsyncClient: later, on its loop)."""
+        raise NotImplementedError
