@@ -44,6 +44,7 @@ from shardpool.errors import (
 log = logging.getLogger("shardpool.broker")
 
 _DRAIN_BATCH = 4096  # messages read from one socket per pass, for fairness
+_GONE_KEPT = 4096  # gone clients remembered, so their work is cancelled once
 _EXPIRY_SCAN_INTERVAL = 0.005  # seconds between scans for queued jobs past their deadline
 
 
@@ -143,6 +144,9 @@ class Broker:
         self._monitors: list[zmq.Socket[bytes]] = []
         self._handshake_failures = 0
         self._undelivered_logged = -math.inf
+        # Clients found gone (their work already cancelled): later replies for
+        # their running jobs are dropped without scanning and cancelling again.
+        self._gone: set[bytes] = set()
         self._handshake_logged = -math.inf
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -309,6 +313,8 @@ class Broker:
 
     def _on_client(self, client: bytes, data: bytes) -> None:
         self.stats["client_messages_in"] += 1
+        if self._gone:
+            self._gone.discard(client)  # an identity back again (a client that sets its own)
         try:
             message = wire.client_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
@@ -576,8 +582,12 @@ class Broker:
                     if exc.errno != errno.EHOSTUNREACH:
                         raise
                     self._undelivered(client, len(replies), "is gone")
-                    # Nobody is left to answer: its queued jobs never run, its streams stop.
-                    self.stats["jobs_abandoned"] += self._cancel(client, None)
+                    if client not in self._gone:
+                        if len(self._gone) >= _GONE_KEPT:
+                            self._gone.clear()  # at worst a later reply cancels once more
+                        self._gone.add(client)
+                        # Nobody is left to answer: its queued jobs never run, its streams stop.
+                        self.stats["jobs_abandoned"] += self._cancel(client, None)
 
     def _undelivered(self, client: bytes, count: int, why: str) -> None:
         """Replies ZeroMQ cannot deliver: counted, and logged at most once a second."""
