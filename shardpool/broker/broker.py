@@ -46,6 +46,8 @@ log = logging.getLogger("shardpool.broker")
 _DRAIN_BATCH = 4096  # messages read from one socket per pass, for fairness
 _GONE_KEPT = 4096  # gone clients remembered, so their work is cancelled once
 _EXPIRY_SCAN_INTERVAL = 0.005  # seconds between scans for queued jobs past their deadline
+# pyzmq's constants are enums, and passing one costs a conversion: plain ints on the hot path.
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 
 
 class ServeError(ShardpoolError):
@@ -53,19 +55,21 @@ class ServeError(ShardpoolError):
 
 
 class _Pending:
-    """A job the broker accepted: who asked, and where it runs."""
+    """A job the broker accepted: who asked, and where it runs.
 
-    __slots__ = ("body", "cid", "client", "ctx", "deadline", "iid", "shard", "stream", "t0")
+    ``job`` is the client's own record, reused for the shard: its ``id``
+    becomes the broker's and its ``timeout`` what is left of the deadline.
+    """
+
+    __slots__ = ("cid", "client", "deadline", "iid", "job", "shard", "t0")
 
     def __init__(self, iid: int, client: bytes, job: wire.Job, deadline: float, now: float) -> None:
         self.iid = iid
         self.t0 = now
         self.client = client
         self.cid = job.id
-        self.body = job.body
-        self.ctx = job.ctx
+        self.job = job
         self.deadline = deadline
-        self.stream = job.stream
         self.shard: ShardState | None = None
 
 
@@ -273,15 +277,21 @@ class Broker:
         return int(self.config.heartbeat * 1000 / 4)
 
     def _drain(self, sock: zmq.Socket[bytes], handle: Any) -> None:
+        # Frame by frame: recv_multipart costs several times two plain recvs.
+        recv = sock.recv
         for _ in range(_DRAIN_BATCH):
             try:
-                ident, data = sock.recv_multipart(zmq.NOBLOCK)
+                ident = recv(_NOBLOCK)
             except zmq.Again:
                 return
-            except ValueError:
-                self.stats["bad_messages"] += 1  # not two frames: no way to know who sent it
+            # A message's frames arrive together, so the rest is there.
+            frame = recv(_NOBLOCK, copy=False)
+            if frame.more:  # more than two frames: not ours; skip the rest
+                while frame.more:
+                    frame = recv(_NOBLOCK, copy=False)
+                self.stats["bad_messages"] += 1
                 continue
-            handle(ident, data)
+            handle(ident, frame.bytes)
 
     def _on_monitor(self, monitor: zmq.Socket[bytes]) -> None:
         """A peer failed the CURVE handshake: count it, log it (at most once a minute)."""
@@ -329,16 +339,37 @@ class Broker:
             )
             return
         if isinstance(message, wire.Submit):
-            now = time.monotonic()
-            for job in message.jobs:
-                self._accept(client, job, now)
+            self._accept_jobs(client, message.jobs)
         elif isinstance(message, wire.Control):
             self.control.handle(client, message)
         else:
             self._cancel(client, set(message.ids))
 
-    def _accept(self, client: bytes, job: wire.Job, now: float) -> None:
-        size = len(job.body) + len(job.ctx)
+    def _accept_jobs(self, client: bytes, jobs: list[wire.Job]) -> None:
+        """Queue a message's jobs; refuse (with an error reply) those that cannot run."""
+        now = time.monotonic()
+        queue, append = self.queue, self.queue.append
+        max_size = self.config.max_payload_size
+        max_queue = self.config.max_queue_size
+        iid = self._next_iid
+        closing = self._closing
+        for job in jobs:
+            size = len(job.body) + len(job.ctx)
+            timeout = job.timeout
+            odd = closing or not 0 < size <= max_size or timeout < 0 or len(queue) >= max_queue
+            if odd and self._refused(client, job, size):
+                continue
+            if timeout:
+                self._deadlines += 1
+                append(_Pending(iid, client, job, now + timeout, now))
+            else:
+                append(_Pending(iid, client, job, 0.0, now))
+            job.id = iid
+            iid += 1
+        self._next_iid = iid
+
+    def _refused(self, client: bytes, job: wire.Job, size: int) -> bool:
+        """Whether ``job`` is refused; if so, its error reply is queued."""
         error: ShardpoolError | None = None
         if self._closing:
             error = UnavailableError("the service is shutting down")
@@ -354,16 +385,11 @@ class Broker:
             error = QueueFullError(
                 f"{len(self.queue)} jobs are already waiting for a shard (max_queue_size)"
             )
-        if error is not None:
-            self.jobs.count(error.code.value)
-            self.reply_error(client, job.id, error)
-            return
-        deadline = now + job.timeout if job.timeout else 0.0
-        pending = _Pending(self._next_iid, client, job, deadline, now)
-        self._next_iid += 1
-        if pending.deadline:
-            self._deadlines += 1
-        self.queue.append(pending)
+        if error is None:
+            return False
+        self.jobs.count(error.code.value)
+        self.reply_error(client, job.id, error)
+        return True
 
     def _has_free_shard(self) -> bool:
         return any(s.free > 0 for s in self.shards.values())
@@ -390,7 +416,7 @@ class Broker:
             streams = [
                 p.iid
                 for p in shard.in_flight.values()
-                if p.client == client and (ids is None or p.cid in ids) and p.stream
+                if p.client == client and (ids is None or p.cid in ids) and p.job.stream
             ]
             if streams:
                 self._send_shard(shard, wire.Cancel(ids=streams))
@@ -453,17 +479,25 @@ class Broker:
     def _shard_replies(self, shard: ShardState, replies: list[wire.Reply]) -> None:
         in_flight = shard.in_flight
         now = time.monotonic()
-        observe = self.jobs.observe
+        out = self.out_clients
+        jobs = self.jobs
+        done = 0
         for reply in replies:
-            pending = in_flight.get(reply.id) if reply.more else in_flight.pop(reply.id, None)
+            more = reply.more
+            pending = in_flight.get(reply.id) if more else in_flight.pop(reply.id, None)
             if pending is None:
                 self.control.on_reply(shard, reply)
                 continue
-            if not reply.more:
-                shard.jobs_done += 1
-                observe(reply.code, now - pending.t0)
+            if not more:
+                done += 1
+                jobs.observe(reply.code, now - pending.t0)
             reply.id = pending.cid
-            self.reply(pending.client, reply)
+            batch = out.get(pending.client)
+            if batch is None:
+                out[pending.client] = [reply]
+            else:
+                batch.append(reply)
+        shard.jobs_done += done
 
     def _lose(self, shard: ShardState, why: str) -> None:
         """Every job in flight on a lost shard gets a "shard lost" reply: never silence."""
@@ -509,7 +543,12 @@ class Broker:
         )
 
     def _send_shard(self, shard: ShardState, message: Any) -> None:
-        self.backend.send_multipart([shard.ident, wire.encode(message)])
+        self._to_shard(shard.ident, wire.encode(message))
+
+    def _to_shard(self, ident: bytes, data: bytes) -> None:
+        backend = self.backend
+        backend.send(ident, _SNDMORE)  # two sends: cheaper than send_multipart
+        backend.send(data)
 
     # -- dispatch --------------------------------------------------------------
 
@@ -526,30 +565,34 @@ class Broker:
             return
         now = time.monotonic()
         out = self.out_shards
+        popleft = queue.popleft
         while queue and shards:
-            pending = queue.popleft()
-            if pending.deadline:
-                self._deadlines -= 1
-                if pending.deadline <= now:
-                    self._expire(pending)
-                    continue
+            # The shard with the most room takes its share of the queue, so jobs
+            # spread over the shards as their free capacity allows.
             shard = max(shards, key=_free) if len(shards) > 1 else shards[0]
-            pending.shard = shard
-            shard.in_flight[pending.iid] = pending
-            job = wire.Job(
-                pending.iid,
-                pending.body,
-                pending.ctx,
-                pending.deadline - now if pending.deadline else 0.0,
-                pending.stream,
-            )
+            shards.remove(shard)
+            share = min(shard.free, -(-len(queue) // (len(shards) + 1)))
+            in_flight = shard.in_flight
             batch = out.get(shard.ident)
             if batch is None:
-                out[shard.ident] = [job]
-            else:
+                batch = out[shard.ident] = []
+            while share and queue:
+                pending = popleft()
+                job = pending.job
+                if pending.deadline:
+                    self._deadlines -= 1
+                    if pending.deadline <= now:
+                        self._expire(pending)
+                        continue
+                    job.timeout = pending.deadline - now
+                pending.shard = shard
+                in_flight[pending.iid] = pending
                 batch.append(job)
-            if shard.free <= 0:
-                shards.remove(shard)
+                share -= 1
+            if not batch:
+                del out[shard.ident]
+            if shard.free > 0:
+                shards.append(shard)
 
     def _expire(self, pending: _Pending) -> None:
         error = JobTimeoutError(
@@ -567,27 +610,35 @@ class Broker:
             out, self.out_shards = self.out_shards, {}
             self.stats["shard_messages_out"] += len(out)
             for ident, jobs in out.items():
-                self.backend.send_multipart([ident, wire.encode(wire.Submit(jobs=jobs))])
+                self._to_shard(ident, wire.encode(wire.Submit(jobs=jobs)))
         if self.out_clients:
             out_c, self.out_clients = self.out_clients, {}
             self.stats["client_messages_out"] += len(out_c)
+            send = self.frontend.send
             for client, replies in out_c.items():
+                data = wire.encode(wire.Replies(replies=replies))
                 try:
-                    self.frontend.send_multipart(
-                        [client, wire.encode(wire.Replies(replies=replies))], zmq.NOBLOCK
-                    )
+                    # The first frame decides: ROUTER_MANDATORY refuses it for
+                    # a client that is gone or not reading, and then sends nothing.
+                    send(client, _SNDMORE | _NOBLOCK)
                 except zmq.Again:  # its queue is full (client_hwm): a slow reader
                     self._undelivered(client, len(replies), "is not reading its replies")
+                    continue
                 except zmq.ZMQError as exc:
                     if exc.errno != errno.EHOSTUNREACH:
                         raise
-                    self._undelivered(client, len(replies), "is gone")
-                    if client not in self._gone:
-                        if len(self._gone) >= _GONE_KEPT:
-                            self._gone.clear()  # at worst a later reply cancels once more
-                        self._gone.add(client)
-                        # Nobody is left to answer: its queued jobs never run, its streams stop.
-                        self.stats["jobs_abandoned"] += self._cancel(client, None)
+                    self._client_gone(client, len(replies))
+                    continue
+                send(data, _NOBLOCK)
+
+    def _client_gone(self, client: bytes, replies: int) -> None:
+        self._undelivered(client, replies, "is gone")
+        if client not in self._gone:
+            if len(self._gone) >= _GONE_KEPT:
+                self._gone.clear()  # at worst a later reply cancels once more
+            self._gone.add(client)
+            # Nobody is left to answer: its queued jobs never run, its streams stop.
+            self.stats["jobs_abandoned"] += self._cancel(client, None)
 
     def _undelivered(self, client: bytes, count: int, why: str) -> None:
         """Replies ZeroMQ cannot deliver: counted, and logged at most once a second."""
