@@ -224,6 +224,103 @@ async def test_stream_not_ended_within_stream_timeout_kills_and_replaces_the_wor
         assert (await pool.exec(b"echo:after")).body == b"after"
 
 
+# ---------------------------------------------------------------- submit (callbacks)
+
+
+class Outcomes:
+    """Collects ``Pool.submit`` outcomes by tag; a waiter wakes when ``n`` are in."""
+
+    def __init__(self) -> None:
+        self.got: dict[object, list[Payload | ShardpoolError]] = collections.defaultdict(list)
+        self.changed = asyncio.Event()
+
+    def callback(self, tag: object) -> Callable[[Payload | ShardpoolError], None]:
+        def record(outcome: Payload | ShardpoolError) -> None:
+            self.got[tag].append(outcome)
+            self.changed.set()
+
+        return record
+
+    async def wait(self, n: int) -> None:
+        while sum(map(len, self.got.values())) < n:
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), WAIT)
+
+
+@pytest.mark.parametrize("depth", [1, 4])
+@async_test(timeout=15)
+async def test_submit_answers_every_job_once_through_its_callback(depth: int) -> None:
+    outcomes = Outcomes()
+    async with Pool(config(pipeline_depth=depth)) as pool:
+        for i in range(300):
+            body = f"echo:{i}" if i % 3 else f"error:bad {i}"
+            pool.submit(Payload(body.encode()), outcomes.callback(i), timeout=5)
+        await outcomes.wait(300)
+    assert sorted(outcomes.got) == list(range(300))
+    for i, answers in outcomes.got.items():
+        assert len(answers) == 1
+        (outcome,) = answers
+        if i % 3:
+            assert isinstance(outcome, Payload) and outcome.body == str(i).encode()
+        else:
+            assert isinstance(outcome, SoftJobError) and str(outcome) == f"bad {i}"
+
+
+@async_test(timeout=15)
+async def test_submit_reruns_a_job_after_a_stop_request_and_reports_a_crash() -> None:
+    env = {"SHARDPOOL_STOP_AFTER": "1"}
+    outcomes = Outcomes()
+    async with Pool(config("stop_after.php", num_workers=1, env=env)) as pool:
+        for i in range(3):  # each worker takes one job, then refuses the next
+            pool.submit(Payload(f"job {i}".encode()), outcomes.callback(i))
+        await outcomes.wait(3)
+        assert {i: [o.body for o in got] for i, got in outcomes.got.items()} == {  # type: ignore[union-attr]
+            i: [f"job {i}".encode()] for i in range(3)
+        }
+    async with Pool(config(num_workers=1)) as pool:
+        pool.submit(Payload(b"crash:3"), outcomes.callback("crash"))
+        await outcomes.wait(4)
+        (crash,) = outcomes.got["crash"]
+        assert isinstance(crash, WorkerCrashedError) and "status 3" in str(crash)
+        assert (await pool.exec(b"echo:after")).body == b"after"
+
+
+@async_test(timeout=15)
+async def test_a_failing_submit_callback_leaves_the_worker_serving() -> None:
+    outcomes = Outcomes()
+
+    def broken(outcome: Payload | ShardpoolError) -> None:
+        raise RuntimeError("a bug in the caller's callback")
+
+    async with Pool(config(num_workers=1, pipeline_depth=2)) as pool:
+        (pid,) = pids(pool)
+        pool.submit(Payload(b"echo:1"), broken)
+        pool.submit(Payload(b"echo:2"), outcomes.callback(2))
+        await outcomes.wait(1)
+        assert (await pool.exec(b"pid")).body == str(pid).encode()
+    assert [o.body for o in outcomes.got[2]] == [b"2"]  # type: ignore[union-attr]
+
+
+@async_test(timeout=15)
+async def test_a_submit_callback_may_submit_the_next_job() -> None:
+    outcomes = Outcomes()
+    async with Pool(config(num_workers=1)) as pool:
+
+        def chain(i: int) -> Callable[[Payload | ShardpoolError], None]:
+            def next_one(outcome: Payload | ShardpoolError) -> None:
+                outcomes.callback(i)(outcome)
+                if i < 50:
+                    pool.submit(Payload(f"echo:{i + 1}".encode()), chain(i + 1))
+
+            return next_one
+
+        pool.submit(Payload(b"echo:0"), chain(0))
+        await outcomes.wait(51)
+    assert [outcomes.got[i][0].body for i in range(51)] == [  # type: ignore[union-attr]
+        str(i).encode() for i in range(51)
+    ]
+
+
 # ---------------------------------------------------------------- reset, add, remove
 
 

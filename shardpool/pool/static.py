@@ -68,9 +68,15 @@ def _outcome(task: asyncio.Future[Payload]) -> Payload | ShardpoolError:
 
 
 class _Submission:
-    """A callback-driven job with the retry rules of :meth:`Pool.exec`."""
+    """A callback-driven job with the retry rules of :meth:`Pool.exec`.
 
-    __slots__ = ("attempts", "callback", "payload", "pool", "ttl")
+    It stands in for the job's future: the worker hands it the outcome, and
+    a result goes to the callback at once, with no future and no extra pass
+    of the event loop per job. A retry is scheduled, not run inside the
+    worker's I/O callback.
+    """
+
+    __slots__ = ("attempts", "callback", "finished", "payload", "pool", "ttl")
 
     def __init__(
         self,
@@ -78,34 +84,54 @@ class _Submission:
         payload: Payload,
         callback: Callable[[Payload | ShardpoolError], None],
         ttl: float | None,
+        attempts: int = 0,
     ) -> None:
         self.pool = pool
         self.payload = payload
         self.callback = callback
         self.ttl = ttl
-        self.attempts = 0
+        self.attempts = attempts
+        self.finished = False
 
     def start(self) -> None:
         self.attempts += 1
-        job = Job(self.payload, self.pool._new_future(), None, self.ttl)
         try:
-            self.pool._submit(job)
+            self.pool._submit(Job(self.payload, self, None, self.ttl))
         except ShardpoolError as exc:
+            self.finished = True
             self.callback(exc)
-            return
-        job.future.add_done_callback(self._done)
 
-    def _done(self, future: asyncio.Future[Payload]) -> None:
-        outcome = _outcome(future)
-        if (
-            isinstance(outcome, ShardpoolError)
-            and retryable(outcome)
-            and self.attempts < MAX_RETRIES
-            and not self.pool._closing
-        ):
-            self.start()
+    # -- the part of asyncio.Future that workers and the pool use ---------------
+
+    def done(self) -> bool:
+        return self.finished
+
+    def exception(self) -> BaseException | None:
+        return None
+
+    def set_result(self, result: Payload, /) -> None:
+        self.finished = True
+        self._call(result)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self.finished = True
+        error = exception
+        if not isinstance(error, ShardpoolError):
+            error = ShardpoolError(f"internal error: {exception!r}")
+        pool = self.pool
+        if retryable(error) and self.attempts < MAX_RETRIES and not pool._closing:
+            again = _Submission(pool, self.payload, self.callback, self.ttl, self.attempts)
+            pool._running_loop().call_soon(again.start)
             return
-        self.callback(outcome)
+        self._call(error)
+
+    def _call(self, outcome: Payload | ShardpoolError) -> None:
+        # It runs inside a worker's I/O callback: a failing callback must not
+        # leave the worker's bookkeeping half done.
+        try:
+            self.callback(outcome)
+        except Exception:
+            log.exception("a job's callback failed")
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):
@@ -235,10 +261,11 @@ class Pool:
         loop = self._running_loop()
         ttl = self._ttl if timeout is None else self._ttl_for(timeout)
         for _ in range(MAX_RETRIES):
-            job = Job(payload, loop.create_future(), None, ttl)
+            future: asyncio.Future[Payload] = loop.create_future()
+            job = Job(payload, future, None, ttl)
             self._submit(job)
             try:
-                return await job.future
+                return await future
             except ShardpoolError as exc:
                 if not retryable(exc):
                     raise
@@ -256,8 +283,10 @@ class Pool:
         """Run a job and call ``callback`` with its reply or typed error.
 
         The same semantics as :meth:`exec` (re-runs after stop requests, one
-        answer per job) without a coroutine per job: a shard uses this to
-        serve a batch of jobs from the broker.
+        answer per job) without a coroutine or a future per job: a shard uses
+        this to serve a batch of jobs from the broker. The callback runs as
+        soon as the reply is read, inside the pool's I/O handling: it must not
+        block (it may submit more jobs). An exception it raises is logged.
         """
         if self.config.debug:
             task = asyncio.ensure_future(self.exec(payload, timeout))

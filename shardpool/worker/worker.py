@@ -19,6 +19,7 @@ import struct
 import time
 import zlib
 from collections.abc import AsyncGenerator, Callable
+from typing import Protocol
 
 from shardpool.errors import (
     AllocateError,
@@ -63,6 +64,19 @@ _JOB_B0 = 0x14  # version 1, header of 4 words: a job or reply with one option
 _HEADERS: dict[tuple[int, int, int], bytes] = {}  # job headers by (context, body, codec)
 
 
+class JobFuture(Protocol):
+    """Where a job's outcome goes: an ``asyncio.Future`` its caller awaits, or a
+    stand-in that hands the outcome to a callback at once (``Pool.submit``)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Payload, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+    def exception(self) -> BaseException | None: ...
+
+
 class Job:
     """One job: its payload, the future its caller awaits and, once written,
     the worker running it. A pool may queue a Job before any worker is free."""
@@ -83,7 +97,7 @@ class Job:
     def __init__(
         self,
         payload: Payload,
-        future: asyncio.Future[Payload],
+        future: JobFuture,
         chunks: asyncio.Queue[object] | None = None,
         ttl_seconds: float | None = None,
     ) -> None:
@@ -410,9 +424,9 @@ class Worker:
         after ``timeout`` seconds (the worker is killed), :class:`WorkerCrashedError`,
         :class:`WorkerStoppedError` for a stop request, :class:`ProtocolError`.
         """
-        job = Job(payload, self.loop.create_future(), None, timeout)
-        self.start(job)
-        return await job.future
+        future: asyncio.Future[Payload] = self.loop.create_future()
+        self.start(Job(payload, future, None, timeout))
+        return await future
 
     async def stream(
         self, payload: Payload, timeout: float | None = None, stream_timeout: float = 10.0
@@ -437,6 +451,7 @@ class Worker:
         self._write(STREAM_STOP)
         try:
             async with asyncio.timeout(stream_timeout):
+                assert isinstance(job.future, asyncio.Future)  # a stream's caller awaits it
                 await asyncio.shield(job.future)
         except TimeoutError:
             log.warning(
