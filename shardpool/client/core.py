@@ -86,6 +86,7 @@ class Request:
     __slots__ = (
         "_error",
         "_items",
+        "_last",
         "data",
         "deadline",
         "done",
@@ -105,7 +106,8 @@ class Request:
         self.done = False  # terminal reply received, or failed/cancelled locally
         self.data: Any = None  # a control command's result
         self.waker: Waker | None = None
-        self._items: collections.deque[Payload] = collections.deque()
+        self._items: collections.deque[Payload] | None = None  # stream chunks, made on the first
+        self._last: Payload | None = None  # the terminal reply's payload
         self._error: ShardpoolError | None = None
 
     def __repr__(self) -> str:
@@ -124,6 +126,10 @@ class Request:
         """
         if self._items:
             return self._items.popleft()
+        last = self._last
+        if last is not None:
+            self._last = None
+            return last
         if self._error is not None:
             raise self._error
         return None
@@ -144,12 +150,13 @@ class Request:
     # -- filled by the core ----------------------------------------------------
 
     def _push(self, payload: Payload) -> None:
+        if self._items is None:
+            self._items = collections.deque()
         self._items.append(payload)
         self._wake()
 
     def _finish(self, payload: Payload | None = None, error: ShardpoolError | None = None) -> None:
-        if payload is not None:
-            self._items.append(payload)
+        self._last = payload  # taken after any chunks
         self._error = error
         self.done = True
         self._wake()
@@ -493,18 +500,20 @@ class ClientCore:
 
     def _register(self, kind: Kind, timeout: float | None) -> Request:
         now = self.clock()
-        if not self._requests:
+        requests = self._requests
+        if not requests:
             self._last_heard = now  # silence counts from when we start waiting
             self._ping_at = None
         rid = next(self._ids)
-        deadline = None if timeout is None else now + timeout + self.grace
-        request = Request(rid, kind, timeout, deadline)
-        self._requests[rid] = request
-        if timeout is not None and deadline is not None:
-            deadlines = self._deadlines
-            if len(deadlines) > 2 * len(self._requests) + 64:
-                deadlines.compact(self._requests)
-            deadlines.add(timeout, deadline, rid)
+        if timeout is None:
+            request = requests[rid] = Request(rid, kind, None, None)
+            return request
+        deadline = now + timeout + self.grace
+        request = requests[rid] = Request(rid, kind, timeout, deadline)
+        deadlines = self._deadlines
+        if deadlines._size > 2 * len(requests) + 64:
+            deadlines.compact(requests)
+        deadlines.add(timeout, deadline, rid)
         return request
 
     def _drop(self, request: Request, cancel: bool = False) -> None:
