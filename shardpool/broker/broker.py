@@ -48,6 +48,7 @@ _GONE_KEPT = 4096  # gone clients remembered, so their work is cancelled once
 _EXPIRY_SCAN_INTERVAL = 0.005  # seconds between scans for queued jobs past their deadline
 # pyzmq's constants are enums, and passing one costs a conversion: plain ints on the hot path.
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class ServeError(ShardpoolError):
@@ -278,7 +279,9 @@ class Broker:
 
     def _drain(self, sock: zmq.Socket[bytes], handle: Any) -> None:
         # Frame by frame: recv_multipart costs several times two plain recvs.
-        recv = sock.recv
+        # The poll said a message is there; after it, asking EVENTS costs less
+        # than the exception of a recv that finds nothing (3 against 7 us).
+        recv, get = sock.recv, sock.get
         for _ in range(_DRAIN_BATCH):
             try:
                 ident = recv(_NOBLOCK)
@@ -292,6 +295,8 @@ class Broker:
                 self.stats["bad_messages"] += 1
                 continue
             handle(ident, frame.bytes)
+            if not int(get(_EVENTS)) & _POLLIN:
+                return
 
     def _on_monitor(self, monitor: zmq.Socket[bytes]) -> None:
         """A peer failed the CURVE handshake: count it, log it (at most once a minute)."""

@@ -278,8 +278,9 @@ class AsyncClient(_ClientBase):
             raise UnavailableError("the client is closed")
         conn = _Connection(self.address, self._curve)
         self._loop, self._conn = loop, conn
-        for fd in conn.fds:
-            loop.add_reader(fd, self._service)
+        sock_fd, monitor_fd = conn.fds
+        loop.add_reader(sock_fd, self._service)
+        loop.add_reader(monitor_fd, self._watch)  # only our calls on the monitor take its edge
         return conn
 
     async def _wait(self, request: Request) -> None:
@@ -315,11 +316,16 @@ class AsyncClient(_ClientBase):
             return
         while True:
             conn.send(core)
-            conn.receive(core)  # after the send: a send can consume the FD's edge
-            events = conn.events()
+            events = conn.read(core)  # after the send: a send can consume the FD's edge
             if not (events & _POLLIN or (core.wants_send and events & _POLLOUT)):
                 break
         self._arm()
+
+    def _watch(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.watch(self._core)
+            self._service()  # a lost connection may have failed requests: re-arm
 
     def _arm(self) -> None:
         deadline = self._core.next_deadline()
