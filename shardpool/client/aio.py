@@ -91,16 +91,7 @@ class AsyncClient(_ClientBase):
         self._open()
         request = self._core.submit(to_payload(body, context), timeout=timeout)
         self._schedule_flush()
-        if not request.done:  # _wait, inlined: this is the hot path
-            try:
-                while not request.ready:
-                    assert self._loop is not None
-                    future: asyncio.Future[None] = self._loop.create_future()
-                    request.waker = functools.partial(_resolve, future)
-                    await future
-            except BaseException:
-                self._cancel(request)
-                raise
+        await self._wait(request)
         return request.result()
 
     async def stream(
