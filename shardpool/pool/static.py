@@ -489,7 +489,9 @@ class Pool:
                 queue.appendleft(job)  # the worker is going; the job waits for another
                 return
             room -= 1
-            if self._depth > 1 and not self._pipelinable(worker):
+            # Starting a job can end pipelining (max_jobs left); with no room left
+            # the loop ends anyway, and this runs once per job.
+            if room and not self._pipelinable(worker):
                 break
         if not worker._pending:
             self._idle.append(worker)
