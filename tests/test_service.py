@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from shardpool.errors import (
     ShardLostError,
     ShardpoolError,
     SoftJobError,
+    UnavailableError,
     WorkerCrashedError,
 )
 from shardpool.payload import Payload
@@ -407,3 +409,50 @@ def test_jobs_and_replies_travel_in_batches_under_load(service: Service) -> None
     # Each hop carries several jobs per ZeroMQ message, not one message per job.
     for hop in ("client_messages_in", "shard_messages_out", "shard_messages_in"):
         assert hops[hop] * 2 < 4000, hops
+
+
+@pytest.mark.parametrize("kind", ["async", "blocking"])
+def test_a_broker_killed_under_a_clients_job_fails_it_at_once(tmp_path: Path, kind: str) -> None:
+    # The job would run 3 s and may wait 60; the client's heartbeat would give
+    # up after 10 s. Only its socket monitor, seeing the connection drop, can
+    # fail the job within a second or so of the kill, saying why.
+    svc = Service(tmp_path, "--shards", "1", "--workers", "1", "--worker", COMMANDS)
+    shards = shard_processes()
+    assert shards
+    killed: list[float] = []
+
+    def kill_serve() -> None:
+        svc.proc.kill()
+        killed.append(time.monotonic())
+
+    async def scenario() -> object:
+        async with AsyncClient(svc.address, timeout=60) as client:
+            job = asyncio.ensure_future(client.exec(b"sleep:3000"))
+            await client.ping()  # the job went out before the ping, on the same socket
+            kill_serve()
+            return (await asyncio.gather(job, return_exceptions=True))[0]
+
+    try:
+        if kind == "async":
+            outcome = asyncio.run(asyncio.wait_for(scenario(), 30))
+        else:
+            with Client(svc.address, timeout=60) as client:
+                client.ping()  # connected
+                timer = threading.Timer(0.3, kill_serve)  # while exec() waits
+                timer.start()
+                try:
+                    outcome = client.exec(b"sleep:3000")
+                except ShardpoolError as exc:
+                    outcome = exc
+                timer.join()
+        failed = time.monotonic()
+        assert isinstance(outcome, UnavailableError), outcome
+        assert "lost the connection" in str(outcome)
+        assert failed - killed[0] < 2.0
+    finally:
+        svc.stop()  # reaps serve (already dead)
+        # The shard, orphaned, stops on its own (parent death): bounded wait.
+        _, alive = psutil.wait_procs(shards, timeout=15)
+        for proc in alive:
+            proc.kill()
+        assert not alive, f"shards outlived their killed serve: {alive}"

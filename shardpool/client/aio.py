@@ -272,6 +272,9 @@ class AsyncClient(_ClientBase):
         sock_fd, monitor_fd = conn.fds
         loop.add_reader(sock_fd, self._service)
         loop.add_reader(monitor_fd, self._watch)  # only our calls on the monitor take its edge
+        # A ZeroMQ descriptor signals new events only once EVENTS has been read
+        # and found empty: read the monitor now, or a drop may never wake us.
+        conn.watch(self._core)
         return conn
 
     async def _wait(self, request: Request) -> None:
