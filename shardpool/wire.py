@@ -10,8 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import zmq
 
 VERSION = 1
+
+# pyzmq's flag constants are enums: passing one, or ``&`` on one, runs Python
+# code each time. The hot paths of the broker, the shards and the clients use
+# these plain ints instead.
+EVENTS, POLLIN, POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
+NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024  # bytes of body + context per job
 
 

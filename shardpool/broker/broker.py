@@ -40,15 +40,13 @@ from shardpool.errors import (
     ShardpoolError,
     UnavailableError,
 )
+from shardpool.wire import EVENTS, NOBLOCK, POLLIN, SNDMORE
 
 log = logging.getLogger("shardpool.broker")
 
 _DRAIN_BATCH = 4096  # messages read from one socket per pass, for fairness
 _GONE_KEPT = 4096  # gone clients remembered, so their work is cancelled once
 _EXPIRY_SCAN_INTERVAL = 0.005  # seconds between scans for queued jobs past their deadline
-# pyzmq's constants are enums, and passing one costs a conversion: plain ints on the hot path.
-_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class ServeError(ShardpoolError):
@@ -284,18 +282,18 @@ class Broker:
         recv, get = sock.recv, sock.get
         for _ in range(_DRAIN_BATCH):
             try:
-                ident = recv(_NOBLOCK)
+                ident = recv(NOBLOCK)
             except zmq.Again:
                 return
             # A message's frames arrive together, so the rest is there.
-            frame = recv(_NOBLOCK, copy=False)
+            frame = recv(NOBLOCK, copy=False)
             if frame.more:  # more than two frames: not ours; skip the rest
                 while frame.more:
-                    frame = recv(_NOBLOCK, copy=False)
+                    frame = recv(NOBLOCK, copy=False)
                 self.stats["bad_messages"] += 1
                 continue
             handle(ident, frame.bytes)
-            if not int(get(_EVENTS)) & _POLLIN:
+            if not int(get(EVENTS)) & POLLIN:
                 return
 
     def _on_monitor(self, monitor: zmq.Socket[bytes]) -> None:
@@ -552,7 +550,7 @@ class Broker:
 
     def _to_shard(self, ident: bytes, data: bytes) -> None:
         backend = self.backend
-        backend.send(ident, _SNDMORE)  # two sends: cheaper than send_multipart
+        backend.send(ident, SNDMORE)  # two sends: cheaper than send_multipart
         backend.send(data)
 
     # -- dispatch --------------------------------------------------------------
@@ -625,7 +623,7 @@ class Broker:
                 try:
                     # The first frame decides: ROUTER_MANDATORY refuses it for
                     # a client that is gone or not reading, and then sends nothing.
-                    send(client, _SNDMORE | _NOBLOCK)
+                    send(client, SNDMORE | NOBLOCK)
                 except zmq.Again:  # its queue is full (client_hwm): a slow reader
                     self._undelivered(client, len(replies), "is not reading its replies")
                     continue
@@ -634,7 +632,7 @@ class Broker:
                         raise
                     self._client_gone(client, len(replies))
                     continue
-                send(data, _NOBLOCK)
+                send(data, NOBLOCK)
 
     def _client_gone(self, client: bytes, replies: int) -> None:
         self._undelivered(client, replies, "is gone")

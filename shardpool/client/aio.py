@@ -15,8 +15,6 @@ from shardpool.client.connection import (
     _Connection,
 )
 from shardpool.client.core import (
-    _POLLIN,
-    _POLLOUT,
     Body,
     K,
     MapWindow,
@@ -31,6 +29,7 @@ from shardpool.errors import (
     UnavailableError,
 )
 from shardpool.payload import Payload
+from shardpool.wire import POLLIN, POLLOUT
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -311,7 +310,7 @@ class AsyncClient(_ClientBase):
         while True:
             conn.send(core)
             events = conn.read(core)  # after the send: a send can consume the FD's edge
-            if not (events & _POLLIN or (core.wants_send and events & _POLLOUT)):
+            if not (events & POLLIN or (core.wants_send and events & POLLOUT)):
                 break
         self._arm()
 

@@ -10,9 +10,6 @@ from zmq.utils.monitor import recv_monitor_message
 
 from shardpool import wire
 from shardpool.client.core import (
-    _EVENTS,
-    _NOBLOCK,
-    _POLLIN,
     DEFAULT_ADDRESS,
     GRACE,
     HEARTBEAT,
@@ -25,6 +22,7 @@ from shardpool.errors import (
     ConfigError,
     ProtocolError,
 )
+from shardpool.wire import EVENTS, NOBLOCK, POLLIN
 
 log = logging.getLogger("shardpool.client")
 
@@ -72,7 +70,7 @@ class _Connection:
         sock = self.sock
         while frames:
             try:
-                sock.send(frames[0], _NOBLOCK)
+                sock.send(frames[0], NOBLOCK)
             except zmq.Again:
                 return False
             frames.popleft()
@@ -88,15 +86,15 @@ class _Connection:
         """Read until EVENTS shows nothing left (the FD is edge-triggered); return EVENTS."""
         sock = self.sock
         recv, get = sock.recv, sock.get
-        while (events := int(get(_EVENTS))) & _POLLIN:
+        while (events := int(get(EVENTS))) & POLLIN:
             try:
-                frame = recv(_NOBLOCK, copy=False)  # not recv_multipart: several times dearer
+                frame = recv(NOBLOCK, copy=False)  # not recv_multipart: several times dearer
             except zmq.Again:
                 break
             if frame.more:
                 parts = 1
                 while frame.more:
-                    frame = recv(_NOBLOCK, copy=False)
+                    frame = recv(NOBLOCK, copy=False)
                     parts += 1
                 log.warning("ignored a message of %d frames (the protocol uses one)", parts)
                 continue
@@ -106,9 +104,9 @@ class _Connection:
     def watch(self, core: ClientCore) -> None:
         """Read the monitor: a dropped connection fails the requests sent on it."""
         monitor = self.monitor
-        while int(monitor.getsockopt(_EVENTS)) & _POLLIN:
+        while int(monitor.getsockopt(EVENTS)) & POLLIN:
             try:
-                event = recv_monitor_message(monitor, _NOBLOCK)
+                event = recv_monitor_message(monitor, NOBLOCK)
             except zmq.Again:
                 break
             if event["event"] == zmq.EVENT_DISCONNECTED:

@@ -11,7 +11,6 @@ from enum import Enum
 from typing import Any, TypeVar
 
 import msgspec
-import zmq
 
 from shardpool import wire
 from shardpool.curve import CurveKeys
@@ -34,9 +33,6 @@ MAX_BATCH_JOBS = 1024  # jobs per message, at most ...
 MAX_BATCH_BYTES = 1 << 20  # ... and body+context bytes per message (a bigger job goes alone)
 LINGER_MS = 1000  # a closed socket still tries this long to deliver cancels
 
-# Plain ints: pyzmq's flag enums cost a Python call per ``&`` on the hot path.
-_EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
-_NOBLOCK = int(zmq.NOBLOCK)
 
 Body = bytes | Payload
 K = TypeVar("K")

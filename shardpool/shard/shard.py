@@ -26,14 +26,13 @@ from shardpool.curve import CurveKeys, secure_client
 from shardpool.errors import ShardpoolError, UnavailableError
 from shardpool.payload import Payload
 from shardpool.pool import Pool
+from shardpool.wire import EVENTS, NOBLOCK, POLLIN
 
 log = logging.getLogger("shardpool.shard")
 
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 3  # the pool could not start: serve must not respawn forever
 _RECONNECT_MAX = 5.0
-# pyzmq's constants are enums, and `int & enum` runs Python code: plain ints on the hot path.
-_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 FLUSH_DELAY = 0.002  # longest a reply waits for company (uvloop timers tick in whole ms)
 
 
@@ -166,9 +165,9 @@ class Shard:
     def _readable(self) -> None:
         # The FD is edge-triggered: drain until EVENTS says nothing is left.
         sock = self._sock
-        while sock is not None and int(sock.getsockopt(_EVENTS)) & _POLLIN:
+        while sock is not None and int(sock.getsockopt(EVENTS)) & POLLIN:
             try:
-                data = sock.recv(_NOBLOCK)
+                data = sock.recv(NOBLOCK)
             except zmq.Again:
                 break
             self._on_message(data)
@@ -180,11 +179,11 @@ class Shard:
         if self._sock is None:
             return
         try:
-            self._sock.send(wire.encode(message), _NOBLOCK)
+            self._sock.send(wire.encode(message), NOBLOCK)
         except zmq.Again:
             log.warning("shard %s: broker connection full; message dropped", self.name)
         # A send can consume the edge that announced incoming messages.
-        if int(self._sock.getsockopt(_EVENTS)) & _POLLIN:
+        if int(self._sock.getsockopt(EVENTS)) & POLLIN:
             assert self._loop is not None
             self._loop.call_soon(self._readable)
 
