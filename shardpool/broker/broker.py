@@ -482,8 +482,7 @@ class Broker:
     def _shard_replies(self, shard: ShardState, replies: list[wire.Reply]) -> None:
         in_flight = shard.in_flight
         now = time.monotonic()
-        out = self.out_clients
-        jobs = self.jobs
+        jobs, reply_to = self.jobs, self.reply
         done = 0
         for reply in replies:
             more = reply.more
@@ -495,11 +494,7 @@ class Broker:
                 done += 1
                 jobs.observe(reply.code, now - pending.t0)
             reply.id = pending.cid
-            batch = out.get(pending.client)
-            if batch is None:
-                out[pending.client] = [reply]
-            else:
-                batch.append(reply)
+            reply_to(pending.client, reply)
         shard.jobs_done += done
 
     def _lose(self, shard: ShardState, why: str) -> None:

@@ -184,7 +184,10 @@ class _Deadlines:
     def __len__(self) -> int:
         return self._size
 
-    def add(self, timeout: float, deadline: float, rid: int) -> None:
+    def add(self, timeout: float, deadline: float, rid: int, live: Mapping[int, object]) -> None:
+        """Add request ``rid``; first drop finished ones if they outnumber ``live``."""
+        if self._size > 2 * len(live) + 64:
+            self.compact(live)
         queue = self._by_timeout.get(timeout)
         if queue is None:
             queue = self._by_timeout[timeout] = collections.deque()
@@ -501,15 +504,11 @@ class ClientCore:
             self._last_heard = now  # silence counts from when we start waiting
             self._ping_at = None
         rid = next(self._ids)
-        if timeout is None:
-            request = requests[rid] = Request(rid, kind, None, None)
-            return request
-        deadline = now + timeout + self.grace
+        deadline = None
+        if timeout is not None:
+            deadline = now + timeout + self.grace
+            self._deadlines.add(timeout, deadline, rid, requests)
         request = requests[rid] = Request(rid, kind, timeout, deadline)
-        deadlines = self._deadlines
-        if deadlines._size > 2 * len(requests) + 64:
-            deadlines.compact(requests)
-        deadlines.add(timeout, deadline, rid)
         return request
 
     def _drop(self, request: Request, cancel: bool = False) -> None:
