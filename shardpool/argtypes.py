@@ -31,10 +31,15 @@ def pipeline_depth(text: str) -> int | str:
     """A pool's ``pipeline_depth``: 1 to 64, or ``auto``."""
     if text.strip().lower() == "auto":
         return "auto"
-    value = positive_int(text)
-    if value > MAX_PIPELINE_DEPTH:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_PIPELINE_DEPTH:
+        # One message for every bad value: it names "auto", which a bare number check would not.
         raise argparse.ArgumentTypeError(
-            f"a pipeline depth is from 1 to {MAX_PIPELINE_DEPTH} or auto, got {value}"
+            f"a pipeline depth is a whole number from 1 to {MAX_PIPELINE_DEPTH}, or auto; "
+            f"got {text!r}"
         )
     return value
 

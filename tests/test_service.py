@@ -335,6 +335,7 @@ def test_a_bad_config_flag_is_refused_naming_the_key(option: str, named: str) ->
         (["shard", "--connect", "ipc:///nowhere", "--pipeline-depth", "0"], "--pipeline-depth"),
         (["shard", "--connect", "ipc:///nowhere", "--prefetch", "-1"], "--prefetch"),
         (["serve", "--prefetch", "lots"], "--prefetch"),
+        (["serve", "--pipeline-depth", "deep"], "--pipeline-depth"),
     ],
 )
 def test_a_bad_pool_flag_is_a_usage_error_naming_it(args: list[str], named: str) -> None:
@@ -344,6 +345,8 @@ def test_a_bad_pool_flag_is_a_usage_error_naming_it(args: list[str], named: str)
     )  # fmt: skip
     assert result.returncode == 2
     assert f"error: argument {named}" in result.stderr and "Traceback" not in result.stderr
+    if named == "--pipeline-depth":  # every bad depth is told what a good one is
+        assert "from 1 to 64, or auto" in result.stderr
 
 
 def test_exec_command_prints_the_reply(service: Service) -> None:

@@ -107,6 +107,8 @@ class _Submission:
         return self.finished
 
     def exception(self) -> BaseException | None:
+        # The pool calls this only to mark a stream's error as retrieved, and
+        # streams never come through submit(): an outcome goes to the callback.
         return None
 
     def set_result(self, result: Payload, /) -> None:
