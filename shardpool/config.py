@@ -174,7 +174,8 @@ class ServeConfig(_Base):
     heartbeat: Duration = Duration(1.0)
     liveness: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     # Jobs per worker a shard may hold beyond those it can start at once, so its
-    # PHP workers never wait for a round trip to the broker. 0: strict credit.
+    # PHP workers never wait for a round trip to the broker; a shard whose workers
+    # are all stuck on slow jobs hands them back (docs/pool.md). 0: strict credit.
     prefetch: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 32
     max_queue_size: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     max_payload_size: Annotated[int, msgspec.Meta(ge=1)] = 64 * 1024 * 1024

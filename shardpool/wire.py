@@ -79,12 +79,14 @@ class Replies(_Msg, tag="replies"):
 
 
 class Hello(_Msg, tag="hello"):
-    """A shard announces itself: how many jobs it can take at once."""
+    """A shard announces itself: how many jobs it may hold (``capacity``), and
+    how many of those its workers can start at once (``startable``; 0: all)."""
 
     name: str = ""
     pid: int = 0
     host: str = ""
     capacity: int = 1
+    startable: int = 0
 
 
 class Heartbeat(_Msg, tag="hb"):
@@ -93,12 +95,19 @@ class Heartbeat(_Msg, tag="hb"):
     stats: Any = None
 
 
+class Returned(_Msg, tag="returned"):
+    """A shard hands back jobs it held but never started (its workers are all
+    stuck on slow jobs, or it is leaving): the broker routes them again."""
+
+    ids: list[int] = msgspec.field(default_factory=list)
+
+
 class Bye(_Msg, tag="bye"):
     """A shard is leaving on purpose (SIGTERM, shutdown): jobs in flight still come back."""
 
 
 ClientMessage = Submit | Control | Cancel
-ShardMessage = Hello | Heartbeat | Replies | Bye
+ShardMessage = Hello | Heartbeat | Replies | Returned | Bye
 BrokerToShard = Submit | Control | Cancel | Heartbeat
 
 _encoder = msgspec.msgpack.Encoder()

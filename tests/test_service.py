@@ -132,10 +132,11 @@ def test_jobs_of_a_client_that_is_gone_are_dropped_not_run(service: Service) -> 
             time.sleep(0.01)  # another process's queue: polled
         sock.close(linger=0)
         # The first reply to the gone client finds it missing: its queued jobs are dropped,
-        # so a job from someone else runs after the few the shard already holds, not 20 s.
+        # and so are those the shard holds, so a job from someone else runs after the
+        # one job running now, not after 20 s (or the 0.6 s of jobs the shard holds).
         started = time.monotonic()
         assert client.exec(b"echo:next", timeout=10).body == b"next"
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 0.5
         stats = client.stats()
     assert stats["jobs_abandoned"] > 800
     assert stats["queue"] == 0
@@ -195,21 +196,59 @@ def test_oversize_job_is_refused_with_a_reason(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "service",
-    [("--shards", "1", "--workers", "1", "--prefetch", "0", "--worker", COMMANDS)],
+    [
+        # no prefetch: the shard takes one job; the rest wait in the broker
+        ("--shards", "1", "--workers", "1", "--prefetch", "0", "--worker", COMMANDS),
+        # the default prefetch: the shard holds the late job for its busy worker
+        ("--shards", "1", "--workers", "1", "--worker", COMMANDS),
+    ],
+    ids=["in-the-broker", "held-by-the-shard"],
     indirect=True,
 )
 def test_job_queued_past_its_deadline_times_out_and_never_runs(service: Service) -> None:
     async def scenario() -> None:
         async with AsyncClient(service.address, timeout=10) as client:
-            # 1 worker, no prefetch: the shard takes one job; the rest wait in the broker
             slow = [asyncio.ensure_future(client.exec(b"sleep:300")) for _ in range(3)]
             await asyncio.sleep(0.05)  # let the slow jobs reach the broker first
+            started = time.monotonic()
             with pytest.raises(JobTimeoutError, match="never ran"):
                 await client.exec(b"echo:late", timeout=0.2)
+            assert time.monotonic() - started < 0.6  # at its deadline, not after the slow jobs
             for job in slow:
                 await job
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+    with Client(service.address, timeout=10) as client:
+        (workers,) = client.workers().values()
+        assert sum(w["jobs"] for w in workers) == 3  # the slow ones; the late one never ran
+
+
+@pytest.mark.parametrize(
+    "service", [("--shards", "2", "--workers", "1", "--worker", COMMANDS)], indirect=True
+)
+def test_slow_job_on_one_shard_does_not_hold_back_jobs_another_shard_can_run(
+    service: Service,
+) -> None:
+    # Default prefetch: each shard may hold jobs beyond what its one worker runs.
+    async def scenario() -> tuple[float, bool]:
+        async with AsyncClient(service.address, timeout=10) as client:
+            slow = asyncio.ensure_future(client.exec(b"sleep:3000"))
+            await asyncio.sleep(0.2)  # it runs on one shard now
+            started = time.monotonic()
+            fast = await asyncio.gather(*(client.exec(f"echo:{i}".encode()) for i in range(40)))
+            assert [r.body for r in fast] == [str(i).encode() for i in range(40)]
+            took = time.monotonic() - started
+            still_running = not slow.done()
+            await slow
+            return took, still_running
+
+    took, still_running = asyncio.run(asyncio.wait_for(scenario(), 30))
+    # Jobs that went to the slow job's shard came back and ran on the other one.
+    assert still_running and took < 1.5, took
+    with Client(service.address, timeout=10) as client:
+        stats = client.stats()
+    assert stats["jobs_returned"] > 0
+    assert stats["jobs_done"] == 41
 
 
 @pytest.mark.parametrize(
@@ -250,6 +289,46 @@ def test_sigterm_drains_without_losing_a_reply(tmp_path: Path) -> None:
     assert svc.stop() == 0
     _, alive = psutil.wait_procs(shard_processes(), timeout=10)
     assert not alive
+
+
+def test_shard_stopped_under_load_hands_its_held_jobs_to_another(tmp_path: Path) -> None:
+    backend = f"tcp://127.0.0.1:{free_port()}"
+    svc = Service(
+        tmp_path, "--shards", "1", "--workers", "1", "--backend", backend, "--worker", COMMANDS
+    )
+    remote = subprocess.Popen(
+        [sys.executable, "-m", "shardpool", "shard", "--connect", backend, "--name", "remote",
+         "--workers", "1", "--worker", COMMANDS],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        with Client(svc.address, timeout=10) as client:
+            deadline = time.monotonic() + 20
+            while "remote" not in client.stats()["shards"]:
+                assert time.monotonic() < deadline, "the remote shard never joined"
+                time.sleep(0.05)  # a remote process joining: poll the broker's view
+
+        async def scenario() -> tuple[list[object], float]:
+            async with AsyncClient(svc.address, timeout=20) as client:
+                # 60 jobs of 50 ms: each shard holds about 30, 1.5 s of work
+                jobs = [asyncio.ensure_future(client.exec(b"sleep:50")) for _ in range(60)]
+                await asyncio.sleep(0.2)
+                remote.send_signal(signal.SIGTERM)
+                stopped = time.monotonic()
+                await asyncio.to_thread(remote.wait, 10)
+                took = time.monotonic() - stopped
+                return await asyncio.gather(*jobs, return_exceptions=True), took
+
+        outcomes, took = asyncio.run(asyncio.wait_for(scenario(), 30))
+        assert all(not isinstance(o, BaseException) for o in outcomes), outcomes
+        assert remote.returncode == 0
+        # it finished its running job only; the jobs it held ran on the other shard
+        assert took < 0.8, took
+    finally:
+        if remote.poll() is None:
+            remote.kill()
+            remote.wait()
+        assert svc.stop() == 0
 
 
 def test_remote_shard_started_by_hand_joins_over_tcp(tmp_path: Path) -> None:

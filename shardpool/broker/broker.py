@@ -81,6 +81,11 @@ class ShardState:
         self.pid = hello.pid
         self.host = hello.host
         self.capacity = max(1, hello.capacity)
+        # What its workers can start at once; the rest of its capacity is jobs it
+        # holds for them. After it hands held jobs back (its workers are stuck on
+        # slow jobs) it gets no more than this until one of its jobs finishes.
+        self.startable = min(self.capacity, hello.startable or self.capacity)
+        self.limit = self.capacity
         self.in_flight: dict[int, _Pending] = {}
         self.last_seen = now
         self.leaving = False
@@ -93,7 +98,7 @@ class ShardState:
 
     @property
     def free(self) -> int:
-        return 0 if self.leaving else self.capacity - len(self.in_flight)
+        return 0 if self.leaving else self.limit - len(self.in_flight)
 
 
 class Broker:
@@ -125,6 +130,7 @@ class Broker:
             "shards_lost": 0,
             "replies_undelivered": 0,  # to clients gone or not reading (client_hwm)
             "jobs_abandoned": 0,  # queued jobs of clients found gone: never started
+            "jobs_returned": 0,  # held by a stuck or leaving shard, routed again
             # messages per hop, to see how well jobs and replies are batched
             "client_messages_in": 0,
             "client_messages_out": 0,
@@ -416,13 +422,14 @@ class Broker:
         dropped = len(self.queue) - len(kept)
         self.queue = kept
         for shard in self.shards.values():
-            streams = [
+            # The shard stops the streams and drops the jobs it holds; running jobs finish.
+            mine = [
                 p.iid
                 for p in shard.in_flight.values()
-                if p.client == client and (ids is None or p.cid in ids) and p.job.stream
+                if p.client == client and (ids is None or p.cid in ids)
             ]
-            if streams:
-                self._send_shard(shard, wire.Cancel(ids=streams))
+            if mine:
+                self._send_shard(shard, wire.Cancel(ids=mine))
         return dropped
 
     def reply(self, client: bytes, reply: wire.Reply) -> None:
@@ -454,6 +461,8 @@ class Broker:
         shard.last_seen = now
         if isinstance(message, wire.Replies):
             self._shard_replies(shard, message.replies)
+        elif isinstance(message, wire.Returned):
+            self._returned(shard, message.ids, now)
         elif isinstance(message, wire.Heartbeat):
             if message.stats is not None:
                 shard.pool_stats = message.stats
@@ -495,7 +504,28 @@ class Broker:
                 jobs.observe(reply.code, now - pending.t0)
             reply.id = pending.cid
             reply_to(pending.client, reply)
-        shard.jobs_done += done
+        if done:
+            shard.jobs_done += done
+            shard.limit = shard.capacity  # it moves again: full credit
+
+    def _returned(self, shard: ShardState, ids: list[int], now: float) -> None:
+        """A shard handed back jobs it never started: they go first in the queue."""
+        back: list[_Pending] = []
+        for iid in ids:
+            pending = shard.in_flight.pop(iid, None)
+            if pending is None:
+                continue
+            pending.shard = None
+            if pending.deadline:
+                if pending.deadline <= now:
+                    self._expire(pending)
+                    continue
+                self._deadlines += 1
+            back.append(pending)
+        self.queue.extendleft(reversed(back))
+        self.stats["jobs_returned"] += len(back)
+        shard.limit = shard.startable
+        log.debug("shard %s handed back %d jobs", shard.name, len(back))
 
     def _lose(self, shard: ShardState, why: str) -> None:
         """Every job in flight on a lost shard gets a "shard lost" reply: never silence."""

@@ -134,6 +134,11 @@ class _Exporter(Collector):
         yield CounterMetricFamily(
             "shardpool_bad_messages", "Malformed client messages", value=snap["bad_messages"]
         )
+        yield CounterMetricFamily(
+            "shardpool_jobs_returned",
+            "Jobs a stuck or stopping shard handed back unstarted, to run elsewhere",
+            value=snap["jobs_returned"],
+        )
 
 
 def _shard_metrics(shards: dict[str, dict[str, Any]]) -> Iterator[Metric]:

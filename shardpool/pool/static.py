@@ -463,8 +463,14 @@ class Pool:
         return self._slow
 
     def _service_ewma(self) -> float:
-        workers = self._workers
-        return sum(w.service_ewma for w in workers) / len(workers) if workers else 0.0
+        times = [w.service_ewma for w in self._workers if w.service_ewma]  # those with a job done
+        return sum(times) / len(times) if times else 0.0
+
+    @property
+    def mean_job_time(self) -> float:
+        """Seconds a worker has lately spent per job (a moving average over the
+        workers that have run one); 0 before the first job."""
+        return self._service_ewma()
 
     def _on_free(self, worker: Worker) -> None:
         """A worker finished a job: retire it, give it the next job(s), or idle it."""

@@ -1,14 +1,20 @@
 """The shard process: one static pool and one ZeroMQ connection to the broker.
 
-It announces its capacity (workers x pipeline depth), and the broker never
-sends it more jobs than that in flight. Replies produced in one pass of the
-event loop go back in one message. Heartbeats are sent from the event loop
-itself, so a stalled loop looks dead to the broker.
+It announces its capacity: what its pool can start at once (workers x
+pipeline depth) plus a few jobs per worker it may hold (prefetch), so that
+a worker never waits for a round trip to the broker; the broker never sends
+it more. Held jobs are never started past their deadline, and when no job
+has finished for a while (every worker stuck on a slow job), the shard hands
+its held jobs back to the broker, which routes them to another shard.
+Replies produced in one pass of the event loop go back in one message.
+Heartbeats are sent from the event loop itself, so a stalled loop looks dead
+to the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import logging
@@ -23,9 +29,10 @@ import zmq
 from shardpool import wire
 from shardpool.config import PoolConfig
 from shardpool.curve import CurveKeys, secure_client
-from shardpool.errors import ShardpoolError, UnavailableError
+from shardpool.errors import JobTimeoutError, ShardpoolError, UnavailableError
 from shardpool.payload import Payload
 from shardpool.pool import Pool
+from shardpool.pool.static import AUTO_SLOW_FACTOR
 from shardpool.wire import EVENTS, NOBLOCK, POLLIN
 
 log = logging.getLogger("shardpool.shard")
@@ -34,6 +41,11 @@ EXIT_OK = 0
 EXIT_BOOT_FAILED = 3  # the pool could not start: serve must not respawn forever
 _RECONNECT_MAX = 5.0
 FLUSH_DELAY = 0.002  # longest a reply waits for company (uvloop timers tick in whole ms)
+# Held jobs go back to the broker when no job has finished for this long, or
+# for AUTO_SLOW_FACTOR x the pool's mean job time if that is longer: every
+# worker is then on a job far slower than usual, and another shard may be free.
+STALL_MIN = 0.01
+EXPIRY_SLACK = 0.005  # a held job's timeout reply may come this late
 
 
 def die_with_parent() -> None:
@@ -73,8 +85,17 @@ class Shard:
         self._out: list[wire.Reply] = []
         self._flush_scheduled = False
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._in_flight = 0
-        self._streams: dict[int, asyncio.Task[None]] = {}
+        self._in_flight = 0  # jobs from the broker not yet answered: at the pool or held
+        self._at_pool = 0  # of those, handed to the pool (it can start them at once)
+        # Jobs beyond what the pool can start, oldest first, with their
+        # deadlines on the loop clock (0: none).
+        self._held: collections.deque[tuple[wire.Job, float]] = collections.deque()
+        self._finished = 0  # jobs the pool answered so far: the stall check's progress
+        self._stall_mark = 0
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._expiry_at = 0.0
+        self._streams: dict[int, asyncio.Task[Payload | ShardpoolError]] = {}
         self._stopping = False
         self._stopped: asyncio.Event | None = None
         self._last_heard = 0.0
@@ -110,6 +131,8 @@ class Shard:
             self._stopped.set()
 
     async def _drain(self) -> None:
+        if self._held:
+            self._hand_back("the shard is stopping")  # other shards run them sooner
         self._send(wire.Bye())
         self._idle = asyncio.Event()
         if not self._in_flight:
@@ -143,7 +166,11 @@ class Shard:
         self._last_heard = self._loop.time()
         self._send(
             wire.Hello(
-                name=self.name, pid=os.getpid(), host=socket.gethostname(), capacity=self.capacity
+                name=self.name,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                capacity=self.capacity,
+                startable=self.pool.capacity,
             )
         )
         log.info("shard %s connected to %s (capacity %d)", self.name, self.connect, self.capacity)
@@ -201,27 +228,154 @@ class Shard:
         elif isinstance(message, wire.Control):
             self._loop.create_task(self._control(message))
         elif isinstance(message, wire.Cancel):
-            for job_id in message.ids:
-                task = self._streams.get(job_id)
-                if task is not None:
-                    task.cancel()
+            self._cancel(set(message.ids))
+
+    def _cancel(self, ids: set[int]) -> None:
+        """Stop these jobs' streams and drop those held; running jobs finish."""
+        for job_id in ids:
+            task = self._streams.get(job_id)
+            if task is not None:
+                task.cancel()
+        if self._held and any(job.id in ids for job, _ in self._held):
+            kept: collections.deque[tuple[wire.Job, float]] = collections.deque()
+            for job, deadline in self._held:
+                if job.id in ids:
+                    self._answer(job.id, UnavailableError("the job was cancelled; it never ran"))
+                else:
+                    kept.append((job, deadline))
+            self._held = kept
+
+    # -- jobs ------------------------------------------------------------------
 
     def _start(self, job: wire.Job) -> None:
-        if self._stopping:
-            self._reply(job.id, UnavailableError("the shard is shutting down"))
-            return
         self._in_flight += 1
+        if self._stopping:
+            self._answer(job.id, UnavailableError("the shard is shutting down"))
+        elif self._held or self._at_pool >= self.pool.capacity:
+            self._hold(job)
+        else:
+            self._launch(job, job.timeout)
+
+    def _launch(self, job: wire.Job, timeout: float) -> None:
+        """Hand ``job`` to the pool, which starts it at once."""
+        self._at_pool += 1
         payload = Payload(job.body, job.ctx)
-        timeout = job.timeout or None
+        job_id = job.id
         if job.stream:
             assert self._loop is not None
-            task = self._loop.create_task(self._stream(job.id, payload, timeout))
-            self._streams[job.id] = task
+            task = self._loop.create_task(self._stream(job_id, payload, timeout or None))
+            # A done callback, not the coroutine, answers: a task cancelled before
+            # its first step never runs its body.
+            task.add_done_callback(lambda task: self._stream_ended(job_id, task))
+            self._streams[job_id] = task
             return
-        job_id = job.id
-        self.pool.submit(payload, lambda outcome: self._reply(job_id, outcome), timeout)
+        self.pool.submit(payload, lambda outcome: self._done(job_id, outcome), timeout or None)
 
-    async def _stream(self, job_id: int, payload: Payload, timeout: float | None) -> None:
+    def _done(self, job_id: int, outcome: Payload | ShardpoolError) -> None:
+        """The pool answered a job: the next held one takes its place."""
+        self._at_pool -= 1
+        self._finished += 1
+        if self._held:
+            self._release()
+        self._answer(job_id, outcome)
+
+    def _hold(self, job: wire.Job) -> None:
+        loop = self._loop
+        assert loop is not None
+        deadline = loop.time() + job.timeout if job.timeout else 0.0
+        self._held.append((job, deadline))
+        if self._stall_timer is None:
+            self._arm_stall()
+        # Deadlines come in nearly, not quite, in order (each job waited its own
+        # time at the broker): moving the timer for a few ms would cost a timer
+        # per job. No job starts past its deadline anyway (see _release).
+        if deadline and (not self._expiry_at or deadline < self._expiry_at - EXPIRY_SLACK):
+            self._arm_expiry(deadline)
+
+    def _release(self) -> None:
+        """Start held jobs while the pool has room; one past its deadline never runs."""
+        held, loop = self._held, self._loop
+        assert loop is not None
+        room = self.pool.capacity - self._at_pool
+        while held and room > 0:
+            job, deadline = held.popleft()
+            if deadline:
+                left = deadline - loop.time()
+                if left <= 0:
+                    self._expire(job)
+                    continue
+                self._launch(job, left)
+            else:
+                self._launch(job, 0.0)
+            room -= 1
+
+    def _expire(self, job: wire.Job) -> None:
+        self._answer(
+            job.id,
+            JobTimeoutError("the job's deadline passed while it waited for a worker; it never ran"),
+        )
+
+    def _arm_expiry(self, deadline: float) -> None:
+        assert self._loop is not None
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        self._expiry_at = deadline
+        self._expiry_timer = self._loop.call_at(deadline, self._expire_held)
+
+    def _expire_held(self) -> None:
+        """Answer the held jobs whose deadline has passed (they never run)."""
+        assert self._loop is not None
+        self._expiry_timer = None
+        self._expiry_at = 0.0
+        now = self._loop.time()
+        kept: collections.deque[tuple[wire.Job, float]] = collections.deque()
+        for job, deadline in self._held:
+            if deadline and deadline <= now + 0.001:  # loop timers tick in whole ms
+                self._expire(job)
+            else:
+                kept.append((job, deadline))
+        self._held = kept
+        deadlines = [deadline for _, deadline in kept if deadline]
+        if deadlines:
+            self._arm_expiry(min(deadlines))
+
+    def _arm_stall(self) -> None:
+        assert self._loop is not None
+        self._stall_mark = self._finished
+        after = max(STALL_MIN, AUTO_SLOW_FACTOR * self.pool.mean_job_time)
+        self._stall_timer = self._loop.call_later(after, self._check_stall)
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        if not self._held:
+            return
+        if self._finished != self._stall_mark:
+            self._arm_stall()  # jobs are moving
+        else:
+            self._hand_back("no job finished for a while: every worker is on a slow job")
+
+    def _hand_back(self, why: str) -> None:
+        """Give the held jobs back to the broker, to run on another shard."""
+        ids = [job.id for job, _ in self._held]
+        self._held.clear()
+        log.debug("shard %s: %d held jobs handed back to the broker: %s", self.name, len(ids), why)
+        self._in_flight -= len(ids)
+        self._send(wire.Returned(ids=ids))
+        self._check_idle()
+
+    def _forget_held(self) -> None:
+        """Drop the held jobs of a broker we lost: it has already failed every job
+        it gave us (shard lost), or it is gone with its clients."""
+        if self._held:
+            log.warning("shard %s: %d held jobs dropped, never run", self.name, len(self._held))
+            self._in_flight -= len(self._held)
+            self._held.clear()
+            self._check_idle()
+
+    async def _stream(
+        self, job_id: int, payload: Payload, timeout: float | None
+    ) -> Payload | ShardpoolError:
+        """Relay a stream's chunks; return its last one, or its error."""
         last: Payload | None = None
         try:
             async with contextlib.aclosing(self.pool.stream(payload, timeout)) as chunks:
@@ -229,15 +383,24 @@ class Shard:
                     if last is not None:
                         self._queue(wire.Reply(job_id, last.body, last.context, more=True))
                     last = chunk
-            self._reply(job_id, last or Payload())
         except ShardpoolError as exc:
-            self._reply(job_id, exc)
-        except asyncio.CancelledError:
-            self._reply(job_id, UnavailableError("the stream was cancelled"))
-        finally:
-            self._streams.pop(job_id, None)
+            return exc
+        return last or Payload()
 
-    def _reply(self, job_id: int, outcome: Payload | ShardpoolError) -> None:
+    def _stream_ended(self, job_id: int, task: asyncio.Task[Payload | ShardpoolError]) -> None:
+        self._streams.pop(job_id, None)
+        outcome: Payload | ShardpoolError
+        if task.cancelled():
+            outcome = UnavailableError("the stream was cancelled")
+        elif (exc := task.exception()) is not None:
+            log.error("shard %s: stream %d failed: %r", self.name, job_id, exc)
+            outcome = ShardpoolError(f"internal error: {exc!r}")
+        else:
+            outcome = task.result()
+        self._done(job_id, outcome)
+
+    def _answer(self, job_id: int, outcome: Payload | ShardpoolError) -> None:
+        """Queue the terminal reply of a job the broker gave us."""
         self._in_flight -= 1
         if not self._in_flight and self._idle is not None:
             self._idle.set()
@@ -246,6 +409,10 @@ class Shard:
         else:
             reply = wire.Reply(job_id, code=outcome.code.value, error=str(outcome))
         self._queue(reply)
+
+    def _check_idle(self) -> None:
+        if not self._in_flight and self._idle is not None:
+            self._idle.set()
 
     def _queue(self, reply: wire.Reply) -> None:
         """Hold replies briefly so they travel in batches.
@@ -292,7 +459,11 @@ class Shard:
     def _figures(self) -> dict[str, Any]:
         """The pool's figures for the broker's stats and metrics."""
         try:
-            return {**self.pool.stats(), "shard_in_flight": self._in_flight}
+            return {
+                **self.pool.stats(),
+                "shard_in_flight": self._in_flight,
+                "shard_held": len(self._held),
+            }
         except Exception:  # figures are best effort; never let them stop heartbeats
             log.exception("shard %s: cannot gather pool figures", self.name)
             return {}
@@ -321,6 +492,7 @@ class Shard:
                 # once the broker is back, and a second hello reads as a reconnection
                 # that fails every job the broker has just sent us.
                 self._close(linger=0)
+                self._forget_held()
                 await asyncio.sleep(self._backoff)
                 self._backoff = min(self._backoff * 2, _RECONNECT_MAX)
                 self._open()

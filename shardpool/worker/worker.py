@@ -573,7 +573,10 @@ class Worker:
         self.jobs_done += 1
         now = time.monotonic()  # not loop.time(): uvloop's clock ticks in milliseconds
         self.last_used = now
-        self.service_ewma += (now - self.head_since - self.service_ewma) * 0.1
+        ewma = self.service_ewma  # the first job's time starts it
+        self.service_ewma = (
+            ewma + (now - self.head_since - ewma) * 0.1 if ewma else now - self.head_since
+        )
         self.head_since = now
         if pending:
             if pending[0].ttl_seconds is not None:
