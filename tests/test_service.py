@@ -291,22 +291,30 @@ def test_sigterm_drains_without_losing_a_reply(tmp_path: Path) -> None:
     assert not alive
 
 
+def _remote_shard(svc: Service, backend: str, *args: str) -> subprocess.Popen[bytes]:
+    """``shardpool shard --name remote`` started by hand, once the broker lists it."""
+    remote = subprocess.Popen(
+        [sys.executable, "-m", "shardpool", "shard", "--connect", backend, "--name", "remote",
+         *args],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    with Client(svc.address, timeout=10) as client:
+        deadline = time.monotonic() + 20
+        while "remote" not in client.stats()["shards"]:
+            if time.monotonic() > deadline:
+                remote.kill()
+                raise AssertionError("the remote shard never joined")
+            time.sleep(0.05)  # a remote process joining: poll the broker's view
+    return remote
+
+
 def test_shard_stopped_under_load_hands_its_held_jobs_to_another(tmp_path: Path) -> None:
     backend = f"tcp://127.0.0.1:{free_port()}"
     svc = Service(
         tmp_path, "--shards", "1", "--workers", "1", "--backend", backend, "--worker", COMMANDS
     )
-    remote = subprocess.Popen(
-        [sys.executable, "-m", "shardpool", "shard", "--connect", backend, "--name", "remote",
-         "--workers", "1", "--worker", COMMANDS],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    remote = _remote_shard(svc, backend, "--workers", "1", "--worker", COMMANDS)
     try:
-        with Client(svc.address, timeout=10) as client:
-            deadline = time.monotonic() + 20
-            while "remote" not in client.stats()["shards"]:
-                assert time.monotonic() < deadline, "the remote shard never joined"
-                time.sleep(0.05)  # a remote process joining: poll the broker's view
 
         async def scenario() -> tuple[list[object], float]:
             async with AsyncClient(svc.address, timeout=20) as client:
@@ -334,17 +342,11 @@ def test_shard_stopped_under_load_hands_its_held_jobs_to_another(tmp_path: Path)
 def test_remote_shard_started_by_hand_joins_over_tcp(tmp_path: Path) -> None:
     backend = f"tcp://127.0.0.1:{free_port()}"
     svc = Service(tmp_path, "--shards", "1", "--workers", "1", "--backend", backend)
-    remote = subprocess.Popen(
-        [sys.executable, "-m", "shardpool", "shard", "--connect", backend, "--name", "remote",
-         "--workers", "1", "--pipeline-depth", "2", "--prefetch", "8"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    remote = _remote_shard(
+        svc, backend, "--workers", "1", "--pipeline-depth", "2", "--prefetch", "8"
+    )
     try:
         with Client(svc.address, timeout=10) as client:
-            deadline = time.monotonic() + 20
-            while "remote" not in client.stats()["shards"]:
-                assert time.monotonic() < deadline, "the remote shard never joined"
-                time.sleep(0.05)  # a remote process joining: poll the broker's view
             replies = list(client.map([b"x"] * 2000, window=256))
             stats = client.stats()
         assert len(replies) == 2000
