@@ -25,6 +25,7 @@ import msgspec
 from shardpool.config import PoolConfig, pool_config, to_builtins
 from shardpool.errors import (
     AllocateError,
+    JobTimeoutError,
     NoFreeWorkersError,
     PoolClosedError,
     QueueFullError,
@@ -67,16 +68,29 @@ def _outcome(task: asyncio.Future[Payload]) -> Payload | ShardpoolError:
     return ShardpoolError(f"internal error: {exc!r}")
 
 
-class _Submission:
-    """A callback-driven job with the retry rules of :meth:`Pool.exec`.
+class Submission:
+    """A job handed to :meth:`Pool.submit`: callback-driven, with the retry
+    rules of :meth:`Pool.exec`.
 
     It stands in for the job's future: the worker hands it the outcome, and
     a result goes to the callback at once, with no future and no extra pass
     of the event loop per job. A retry is scheduled, not run inside the
-    worker's I/O callback.
+    worker's I/O callback. While the job waits for a worker it can be taken
+    back (:meth:`Pool.withdraw`), and past its ``deadline`` it is never started.
+    ``tag`` is the submitter's own, to tell its jobs apart.
     """
 
-    __slots__ = ("attempts", "callback", "finished", "payload", "pool", "ttl")
+    __slots__ = (
+        "attempts",
+        "callback",
+        "deadline",
+        "finished",
+        "job",
+        "payload",
+        "pool",
+        "tag",
+        "ttl",
+    )
 
     def __init__(
         self,
@@ -84,26 +98,47 @@ class _Submission:
         payload: Payload,
         callback: Callable[[Payload | ShardpoolError], None],
         ttl: float | None,
+        deadline: float = 0.0,
+        tag: int = 0,
         attempts: int = 0,
     ) -> None:
         self.pool = pool
         self.payload = payload
         self.callback = callback
         self.ttl = ttl
+        self.deadline = deadline  # time.monotonic(); 0: none
+        self.tag = tag
         self.attempts = attempts
         self.finished = False
+        self.job: Job | None = None
 
     def start(self) -> None:
         self.attempts += 1
+        self.job = Job(self.payload, self, None, self.ttl)
         try:
-            self.pool._submit(Job(self.payload, self, None, self.ttl))
+            self.pool._submit(self.job)
         except ShardpoolError as exc:
-            self.finished = True
+            self._finish()
             self.callback(exc)
+
+    def _finish(self) -> None:
+        self.finished = True
+        self.job = None  # the job refers to us: no cycle left for the garbage collector
 
     # -- the part of asyncio.Future that workers and the pool use ---------------
 
     def done(self) -> bool:
+        # The pool asks this of a queued job before it starts it: one whose
+        # deadline has passed is answered here, and never started.
+        if self.deadline and not self.finished:
+            job = self.job
+            if job is not None and job.worker is None and time.monotonic() >= self.deadline:
+                self._finish()
+                self._call(
+                    JobTimeoutError(
+                        "the job's deadline passed while it waited for a worker; it never ran"
+                    )
+                )
         return self.finished
 
     def exception(self) -> BaseException | None:
@@ -112,17 +147,20 @@ class _Submission:
         return None
 
     def set_result(self, result: Payload, /) -> None:
-        self.finished = True
+        self.finished = True  # _finish(), inlined: this runs once per job
+        self.job = None
         self._call(result)
 
     def set_exception(self, exception: BaseException, /) -> None:
-        self.finished = True
+        self._finish()
         error = exception
         if not isinstance(error, ShardpoolError):
             error = ShardpoolError(f"internal error: {exception!r}")
         pool = self.pool
         if retryable(error) and self.attempts < MAX_RETRIES and not pool._closing:
-            again = _Submission(pool, self.payload, self.callback, self.ttl, self.attempts)
+            again = Submission(
+                pool, self.payload, self.callback, self.ttl, self.deadline, self.tag, self.attempts
+            )
             pool._running_loop().call_soon(again.start)
             return
         self._call(error)
@@ -281,7 +319,10 @@ class Pool:
         payload: Payload,
         callback: Callable[[Payload | ShardpoolError], None],
         timeout: float | None = None,
-    ) -> None:
+        *,
+        deadline: float = 0.0,
+        tag: int = 0,
+    ) -> Submission:
         """Run a job and call ``callback`` with its reply or typed error.
 
         The same semantics as :meth:`exec` (re-runs after stop requests, one
@@ -289,12 +330,57 @@ class Pool:
         this to serve a batch of jobs from the broker. The callback runs as
         soon as the reply is read, inside the pool's I/O handling: it must not
         block (it may submit more jobs). An exception it raises is logged.
+
+        ``deadline`` (on the clock of ``time.monotonic()``; 0: none) bounds
+        the wait for a worker: a job still queued then is answered with
+        :class:`JobTimeoutError` and never started. Jobs still queued can be
+        taken back with :meth:`withdraw`; ``tag`` is yours, to tell them
+        apart. In debug mode (a fresh worker per job) neither applies.
         """
+        submission = Submission(self, payload, callback, self._ttl_for(timeout), deadline, tag)
         if self.config.debug:
+            submission.finished = True  # a debug job cannot be withdrawn
             task = asyncio.ensure_future(self.exec(payload, timeout))
             task.add_done_callback(lambda t: callback(_outcome(t)))
-            return
-        _Submission(self, payload, callback, self._ttl_for(timeout)).start()
+            return submission
+        submission.start()
+        return submission
+
+    @property
+    def progress(self) -> int:
+        """A count that changes whenever a worker finishes a job (jobs done by
+        the workers now in the pool): to tell a pool that moves from a stuck one."""
+        return sum(w.jobs_done for w in self._workers)
+
+    def queued(self) -> list[Submission]:
+        """The jobs from :meth:`submit` that wait for a worker, oldest first."""
+        return [
+            job.future
+            for job in self._queue
+            if isinstance(job.future, Submission) and not job.future.finished
+        ]
+
+    def withdraw(self, which: Callable[[Submission], bool] | None = None) -> list[Submission]:
+        """Take back queued jobs from :meth:`submit` (those ``which`` picks, or
+        all): no worker has them, and their callbacks are never called.
+        Returns them, oldest first."""
+        taken: list[Submission] = []
+        kept: collections.deque[Job] = collections.deque()
+        for job in self._queue:
+            submission = job.future
+            if (
+                isinstance(submission, Submission)
+                and not submission.finished
+                and (which is None or which(submission))
+            ):
+                submission._finish()
+                taken.append(submission)
+            else:
+                kept.append(job)
+        if taken:
+            self._queue.clear()
+            self._queue.extend(kept)
+        return taken
 
     @property
     def capacity(self) -> int:

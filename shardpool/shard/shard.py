@@ -14,13 +14,13 @@ to the broker.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ctypes
 import logging
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 import msgspec
@@ -85,12 +85,10 @@ class Shard:
         self._out: list[wire.Reply] = []
         self._flush_scheduled = False
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._in_flight = 0  # jobs from the broker not yet answered: at the pool or held
-        self._at_pool = 0  # of those, handed to the pool (it can start them at once)
-        # Jobs beyond what the pool can start, oldest first, with their
-        # deadlines on the loop clock (0: none).
-        self._held: collections.deque[tuple[wire.Job, float]] = collections.deque()
-        self._finished = 0  # jobs the pool answered so far: the stall check's progress
+        # Jobs from the broker not yet answered. All are handed to the pool at once;
+        # those waiting in its queue are the jobs this shard holds (prefetch), and
+        # it can take them back (Pool.withdraw).
+        self._in_flight = 0
         self._stall_mark = 0
         self._stall_timer: asyncio.TimerHandle | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -131,8 +129,7 @@ class Shard:
             self._stopped.set()
 
     async def _drain(self) -> None:
-        if self._held:
-            self._hand_back("the shard is stopping")  # other shards run them sooner
+        self._hand_back("the shard is stopping")  # other shards run them sooner
         self._send(wire.Bye())
         self._idle = asyncio.Event()
         if not self._in_flight:
@@ -223,8 +220,9 @@ class Shard:
             log.error("shard %s: bad message from the broker: %s", self.name, exc)
             return
         if isinstance(message, wire.Submit):
+            now = time.monotonic()  # deadlines count from here
             for job in message.jobs:
-                self._start(job)
+                self._start(job, now)
         elif isinstance(message, wire.Control):
             self._loop.create_task(self._control(message))
         elif isinstance(message, wire.Cancel):
@@ -236,31 +234,18 @@ class Shard:
             task = self._streams.get(job_id)
             if task is not None:
                 task.cancel()
-        if self._held and any(job.id in ids for job, _ in self._held):
-            kept: collections.deque[tuple[wire.Job, float]] = collections.deque()
-            for job, deadline in self._held:
-                if job.id in ids:
-                    self._answer(job.id, UnavailableError("the job was cancelled; it never ran"))
-                else:
-                    kept.append((job, deadline))
-            self._held = kept
+        for held in self.pool.withdraw(lambda s: s.tag in ids):
+            self._answer(held.tag, UnavailableError("the job was cancelled; it never ran"))
 
     # -- jobs ------------------------------------------------------------------
 
-    def _start(self, job: wire.Job) -> None:
+    def _start(self, job: wire.Job, now: float) -> None:
         self._in_flight += 1
         if self._stopping:
             self._answer(job.id, UnavailableError("the shard is shutting down"))
-        elif self._held or self._at_pool >= self.pool.capacity:
-            self._hold(job)
-        else:
-            self._launch(job, job.timeout)
-
-    def _launch(self, job: wire.Job, timeout: float) -> None:
-        """Hand ``job`` to the pool, which starts it at once."""
-        self._at_pool += 1
+            return
+        job_id, timeout = job.id, job.timeout
         payload = Payload(job.body, job.ctx)
-        job_id = job.id
         if job.stream:
             assert self._loop is not None
             task = self._loop.create_task(self._stream(job_id, payload, timeout or None))
@@ -269,95 +254,70 @@ class Shard:
             task.add_done_callback(lambda task: self._stream_ended(job_id, task))
             self._streams[job_id] = task
             return
-        self.pool.submit(payload, lambda outcome: self._done(job_id, outcome), timeout or None)
-
-    def _done(self, job_id: int, outcome: Payload | ShardpoolError) -> None:
-        """The pool answered a job: the next held one takes its place."""
-        self._at_pool -= 1
-        self._finished += 1
-        if self._held:
-            self._release()
-        self._answer(job_id, outcome)
-
-    def _hold(self, job: wire.Job) -> None:
-        loop = self._loop
-        assert loop is not None
-        deadline = loop.time() + job.timeout if job.timeout else 0.0
-        self._held.append((job, deadline))
-        if self._stall_timer is None:
-            self._arm_stall()
-        # Deadlines come in nearly, not quite, in order (each job waited its own
-        # time at the broker): moving the timer for a few ms would cost a timer
-        # per job. No job starts past its deadline anyway (see _release).
-        if deadline and (not self._expiry_at or deadline < self._expiry_at - EXPIRY_SLACK):
-            self._arm_expiry(deadline)
-
-    def _release(self) -> None:
-        """Start held jobs while the pool has room; one past its deadline never runs."""
-        held, loop = self._held, self._loop
-        assert loop is not None
-        room = self.pool.capacity - self._at_pool
-        while held and room > 0:
-            job, deadline = held.popleft()
-            if deadline:
-                left = deadline - loop.time()
-                if left <= 0:
-                    self._expire(job)
-                    continue
-                self._launch(job, left)
-            else:
-                self._launch(job, 0.0)
-            room -= 1
-
-    def _expire(self, job: wire.Job) -> None:
-        self._answer(
-            job.id,
-            JobTimeoutError("the job's deadline passed while it waited for a worker; it never ran"),
+        if timeout:
+            deadline = now + timeout
+            # Deadlines come nearly, not quite, in order (each job waited its own
+            # time at the broker): moving the timer by a few ms would cost a timer
+            # per job.
+            if not self._expiry_at or deadline < self._expiry_at - EXPIRY_SLACK:
+                self._arm_expiry(deadline)
+        else:
+            deadline = 0.0
+        self.pool.submit(
+            payload,
+            lambda outcome: self._answer(job_id, outcome),
+            timeout or None,
+            deadline=deadline,
+            tag=job_id,
         )
+        if self._stall_timer is None and self._in_flight > self.pool.capacity:
+            self._arm_stall()  # some jobs wait for a worker: watch that they move
 
     def _arm_expiry(self, deadline: float) -> None:
         assert self._loop is not None
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
         self._expiry_at = deadline
-        self._expiry_timer = self._loop.call_at(deadline, self._expire_held)
+        self._expiry_timer = self._loop.call_later(
+            max(0.0, deadline - time.monotonic()), self._expire_held
+        )
 
     def _expire_held(self) -> None:
-        """Answer the held jobs whose deadline has passed (they never run)."""
-        assert self._loop is not None
+        """Answer the held jobs whose deadline has passed: they never run."""
         self._expiry_timer = None
         self._expiry_at = 0.0
-        now = self._loop.time()
-        kept: collections.deque[tuple[wire.Job, float]] = collections.deque()
-        for job, deadline in self._held:
-            if deadline and deadline <= now + 0.001:  # loop timers tick in whole ms
-                self._expire(job)
-            else:
-                kept.append((job, deadline))
-        self._held = kept
-        deadlines = [deadline for _, deadline in kept if deadline]
+        soon = time.monotonic() + 0.001  # loop timers tick in whole ms
+        for held in self.pool.withdraw(lambda s: 0 < s.deadline <= soon):
+            self._answer(
+                held.tag,
+                JobTimeoutError(
+                    "the job's deadline passed while it waited for a worker; it never ran"
+                ),
+            )
+        deadlines = [s.deadline for s in self.pool.queued() if s.deadline]
         if deadlines:
             self._arm_expiry(min(deadlines))
 
     def _arm_stall(self) -> None:
         assert self._loop is not None
-        self._stall_mark = self._finished
+        self._stall_mark = self.pool.progress
         after = max(STALL_MIN, AUTO_SLOW_FACTOR * self.pool.mean_job_time)
         self._stall_timer = self._loop.call_later(after, self._check_stall)
 
     def _check_stall(self) -> None:
         self._stall_timer = None
-        if not self._held:
-            return
-        if self._finished != self._stall_mark:
+        if self._in_flight <= self.pool.capacity:
+            return  # nothing held
+        if self.pool.progress != self._stall_mark:
             self._arm_stall()  # jobs are moving
         else:
             self._hand_back("no job finished for a while: every worker is on a slow job")
 
     def _hand_back(self, why: str) -> None:
         """Give the held jobs back to the broker, to run on another shard."""
-        ids = [job.id for job, _ in self._held]
-        self._held.clear()
+        ids = [held.tag for held in self.pool.withdraw()]
+        if not ids:
+            return
         log.debug("shard %s: %d held jobs handed back to the broker: %s", self.name, len(ids), why)
         self._in_flight -= len(ids)
         self._send(wire.Returned(ids=ids))
@@ -366,10 +326,10 @@ class Shard:
     def _forget_held(self) -> None:
         """Drop the held jobs of a broker we lost: it has already failed every job
         it gave us (shard lost), or it is gone with its clients."""
-        if self._held:
-            log.warning("shard %s: %d held jobs dropped, never run", self.name, len(self._held))
-            self._in_flight -= len(self._held)
-            self._held.clear()
+        ids = self.pool.withdraw()
+        if ids:
+            log.warning("shard %s: %d held jobs dropped, never run", self.name, len(ids))
+            self._in_flight -= len(ids)
             self._check_idle()
 
     async def _stream(
@@ -397,7 +357,7 @@ class Shard:
             outcome = ShardpoolError(f"internal error: {exc!r}")
         else:
             outcome = task.result()
-        self._done(job_id, outcome)
+        self._answer(job_id, outcome)
 
     def _answer(self, job_id: int, outcome: Payload | ShardpoolError) -> None:
         """Queue the terminal reply of a job the broker gave us."""
@@ -462,7 +422,7 @@ class Shard:
             return {
                 **self.pool.stats(),
                 "shard_in_flight": self._in_flight,
-                "shard_held": len(self._held),
+                "shard_held": len(self.pool.queued()),
             }
         except Exception:  # figures are best effort; never let them stop heartbeats
             log.exception("shard %s: cannot gather pool figures", self.name)
