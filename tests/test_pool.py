@@ -29,6 +29,7 @@ from conftest import WORKERS, async_test, php, pids, poll, until
 from shardpool import (
     AllocateError,
     ExecTTLError,
+    JobTimeoutError,
     NoFreeWorkersError,
     Payload,
     Pool,
@@ -319,6 +320,38 @@ async def test_a_submit_callback_may_submit_the_next_job() -> None:
     assert [outcomes.got[i][0].body for i in range(51)] == [  # type: ignore[union-attr]
         str(i).encode() for i in range(51)
     ]
+
+
+@async_test(timeout=15)
+async def test_a_submitted_job_still_queued_at_its_deadline_times_out_and_never_runs() -> None:
+    outcomes = Outcomes()
+    async with Pool(config(num_workers=1)) as pool:
+        pool.submit(Payload(b"sleep:500"), outcomes.callback("slow"))
+        started = time.monotonic()
+        pool.submit(Payload(b"echo:late"), outcomes.callback("late"), deadline=started + 0.1)
+        await outcomes.wait(2)
+        (late,) = outcomes.got["late"]
+        assert isinstance(late, JobTimeoutError) and "never ran" in str(late)
+        assert pool.workers()[0].jobs == 1  # only the slow job ran
+
+
+@async_test(timeout=15)
+async def test_withdrawn_jobs_never_run_and_their_callbacks_stay_silent() -> None:
+    outcomes = Outcomes()
+    async with Pool(config(num_workers=1)) as pool:
+        pool.submit(Payload(b"sleep:200"), outcomes.callback("slow"))
+        for i in range(5):
+            pool.submit(Payload(f"echo:{i}".encode()), outcomes.callback(i), tag=i)
+        assert [s.tag for s in pool.queued()] == [0, 1, 2, 3, 4]
+        taken = pool.withdraw(lambda s: s.tag % 2 == 0)
+        assert [s.tag for s in taken] == [0, 2, 4]
+        assert [s.tag for s in pool.queued()] == [1, 3]
+        before = pool.progress
+        await outcomes.wait(3)  # the slow job, then 1 and 3
+        assert pool.progress != before
+        assert pool.withdraw() == []
+        assert pool.workers()[0].jobs == 3  # the withdrawn ones never ran
+    assert sorted(outcomes.got, key=str) == [1, 3, "slow"]
 
 
 # ---------------------------------------------------------------- reset, add, remove
