@@ -573,10 +573,13 @@ class Worker:
         self.jobs_done += 1
         now = time.monotonic()  # not loop.time(): uvloop's clock ticks in milliseconds
         self.last_used = now
-        ewma = self.service_ewma  # the first job's time starts it
-        self.service_ewma = (
-            ewma + (now - self.head_since - ewma) * 0.1 if ewma else now - self.head_since
-        )
+        took, ewma = now - self.head_since, self.service_ewma
+        if not ewma:
+            self.service_ewma = took  # the first job's time starts it
+        else:
+            # One job far slower than usual moves the average a little (a sample
+            # counts for at most 4x the average); a lasting change, within ~10 jobs.
+            self.service_ewma = ewma + (min(took, 4 * ewma) - ewma) * 0.1
         self.head_since = now
         if pending:
             if pending[0].ttl_seconds is not None:
