@@ -336,6 +336,21 @@ async def test_a_submitted_job_still_queued_at_its_deadline_times_out_and_never_
 
 
 @async_test(timeout=15)
+async def test_a_submitted_job_that_starts_late_gets_only_the_time_left() -> None:
+    outcomes = Outcomes()
+    async with Pool(config(num_workers=1)) as pool:
+        pool.submit(Payload(b"sleep:300"), outcomes.callback("first"))
+        started = time.monotonic()
+        # 0.6 s to its deadline, 0.3 s of it spent waiting: the 0.5 s job is cut
+        pool.submit(Payload(b"sleep:500"), outcomes.callback("late"), 0.6, deadline=started + 0.6)
+        await outcomes.wait(2)
+        took = time.monotonic() - started
+    (late,) = outcomes.got["late"]
+    assert isinstance(late, ExecTTLError), late
+    assert took < 0.75, took  # at its deadline, not 0.6 s after it started
+
+
+@async_test(timeout=15)
 async def test_withdrawn_jobs_never_run_and_their_callbacks_stay_silent() -> None:
     outcomes = Outcomes()
     async with Pool(config(num_workers=1)) as pool:

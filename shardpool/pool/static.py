@@ -129,16 +129,21 @@ class Submission:
 
     def done(self) -> bool:
         # The pool asks this of a queued job before it starts it: one whose
-        # deadline has passed is answered here, and never started.
+        # deadline has passed is answered here, and never started; one that
+        # starts gets only the time left as its exec TTL.
         if self.deadline and not self.finished:
             job = self.job
-            if job is not None and job.worker is None and time.monotonic() >= self.deadline:
-                self._finish()
-                self._call(
-                    JobTimeoutError(
-                        "the job's deadline passed while it waited for a worker; it never ran"
+            if job is not None and job.worker is None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    self._finish()
+                    self._call(
+                        JobTimeoutError(
+                            "the job's deadline passed while it waited for a worker; it never ran"
+                        )
                     )
-                )
+                elif job.ttl_seconds is None or left < job.ttl_seconds:
+                    job.ttl_seconds = left
         return self.finished
 
     def exception(self) -> BaseException | None:
