@@ -84,7 +84,7 @@ class ShardState:
         # What its workers can start at once; the rest of its capacity is jobs it
         # holds for them. After it hands held jobs back (its workers are stuck on
         # slow jobs) it gets no more than this until one of its jobs finishes.
-        self.startable = min(self.capacity, hello.startable or self.capacity)
+        self.startable = max(1, min(self.capacity, hello.startable or self.capacity))
         self.limit = self.capacity
         self.in_flight: dict[int, _Pending] = {}
         self.last_seen = now
@@ -462,7 +462,7 @@ class Broker:
         if isinstance(message, wire.Replies):
             self._shard_replies(shard, message.replies)
         elif isinstance(message, wire.Returned):
-            self._returned(shard, message.ids, now)
+            self._returned(shard, message.ids)
         elif isinstance(message, wire.Heartbeat):
             if message.stats is not None:
                 shard.pool_stats = message.stats
@@ -508,18 +508,16 @@ class Broker:
             shard.jobs_done += done
             shard.limit = shard.capacity  # it moves again: full credit
 
-    def _returned(self, shard: ShardState, ids: list[int], now: float) -> None:
-        """A shard handed back jobs it never started: they go first in the queue."""
+    def _returned(self, shard: ShardState, ids: list[int]) -> None:
+        """A shard handed back jobs it never started: they go first in the queue
+        (where one whose deadline has passed is answered, as any queued job)."""
         back: list[_Pending] = []
         for iid in ids:
             pending = shard.in_flight.pop(iid, None)
             if pending is None:
-                continue
+                continue  # not one of its jobs (or already answered): nothing to do
             pending.shard = None
             if pending.deadline:
-                if pending.deadline <= now:
-                    self._expire(pending)
-                    continue
                 self._deadlines += 1
             back.append(pending)
         self.queue.extendleft(reversed(back))

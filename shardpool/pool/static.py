@@ -365,6 +365,25 @@ class Pool:
             if isinstance(job.future, Submission) and not job.future.finished
         ]
 
+    def expire_queued(self) -> float:
+        """Answer the queued jobs from :meth:`submit` whose deadline has passed
+        (:class:`JobTimeoutError`; they never run), at once rather than when a
+        worker frees up. Returns the earliest deadline still queued (0: none)."""
+        kept: collections.deque[Job] = collections.deque()
+        earliest = 0.0
+        for job in self._queue:
+            submission = job.future
+            if not isinstance(submission, Submission):
+                kept.append(job)
+            elif not submission.done():  # done() answers it if its deadline has passed
+                kept.append(job)
+                if submission.deadline and (not earliest or submission.deadline < earliest):
+                    earliest = submission.deadline
+        if len(kept) < len(self._queue):
+            self._queue.clear()
+            self._queue.extend(kept)
+        return earliest
+
     def withdraw(self, which: Callable[[Submission], bool] | None = None) -> list[Submission]:
         """Take back queued jobs from :meth:`submit` (those ``which`` picks, or
         all): no worker has them, and their callbacks are never called.

@@ -29,7 +29,7 @@ import zmq
 from shardpool import wire
 from shardpool.config import PoolConfig
 from shardpool.curve import CurveKeys, secure_client
-from shardpool.errors import JobTimeoutError, ShardpoolError, UnavailableError
+from shardpool.errors import ShardpoolError, UnavailableError
 from shardpool.payload import Payload
 from shardpool.pool import Pool
 from shardpool.pool.static import AUTO_SLOW_FACTOR
@@ -45,7 +45,7 @@ FLUSH_DELAY = 0.002  # longest a reply waits for company (uvloop timers tick in 
 # for AUTO_SLOW_FACTOR x the pool's mean job time if that is longer: every
 # worker is then on a job far slower than usual, and another shard may be free.
 STALL_MIN = 0.01
-EXPIRY_SLACK = 0.005  # a held job's timeout reply may come this late
+EXPIRY_SLACK = 0.005  # a held job's timeout reply may come this late (it never runs late)
 
 
 def die_with_parent() -> None:
@@ -283,20 +283,13 @@ class Shard:
         )
 
     def _expire_held(self) -> None:
-        """Answer the held jobs whose deadline has passed: they never run."""
+        """Answer the held jobs whose deadline has passed (they never run) now,
+        not when a worker frees up."""
         self._expiry_timer = None
         self._expiry_at = 0.0
-        soon = time.monotonic() + 0.001  # loop timers tick in whole ms
-        for held in self.pool.withdraw(lambda s: 0 < s.deadline <= soon):
-            self._answer(
-                held.tag,
-                JobTimeoutError(
-                    "the job's deadline passed while it waited for a worker; it never ran"
-                ),
-            )
-        deadlines = [s.deadline for s in self.pool.queued() if s.deadline]
-        if deadlines:
-            self._arm_expiry(min(deadlines))
+        earliest = self.pool.expire_queued()
+        if earliest:
+            self._arm_expiry(earliest)
 
     def _arm_stall(self) -> None:
         assert self._loop is not None
@@ -313,24 +306,26 @@ class Shard:
         else:
             self._hand_back("no job finished for a while: every worker is on a slow job")
 
+    def _take_held(self) -> list[int]:
+        """Take every held job back from the pool: they no longer count as ours."""
+        ids = [held.tag for held in self.pool.withdraw()]
+        self._in_flight -= len(ids)
+        self._check_idle()
+        return ids
+
     def _hand_back(self, why: str) -> None:
         """Give the held jobs back to the broker, to run on another shard."""
-        ids = [held.tag for held in self.pool.withdraw()]
-        if not ids:
-            return
-        log.debug("shard %s: %d held jobs handed back to the broker: %s", self.name, len(ids), why)
-        self._in_flight -= len(ids)
-        self._send(wire.Returned(ids=ids))
-        self._check_idle()
+        ids = self._take_held()
+        if ids:
+            log.debug("shard %s: %d held jobs handed back: %s", self.name, len(ids), why)
+            self._send(wire.Returned(ids=ids))
 
     def _forget_held(self) -> None:
         """Drop the held jobs of a broker we lost: it has already failed every job
         it gave us (shard lost), or it is gone with its clients."""
-        ids = self.pool.withdraw()
+        ids = self._take_held()
         if ids:
             log.warning("shard %s: %d held jobs dropped, never run", self.name, len(ids))
-            self._in_flight -= len(ids)
-            self._check_idle()
 
     async def _stream(
         self, job_id: int, payload: Payload, timeout: float | None
@@ -362,7 +357,7 @@ class Shard:
     def _answer(self, job_id: int, outcome: Payload | ShardpoolError) -> None:
         """Queue the terminal reply of a job the broker gave us."""
         self._in_flight -= 1
-        if not self._in_flight and self._idle is not None:
+        if not self._in_flight and self._idle is not None:  # _check_idle, inlined: per job
             self._idle.set()
         if isinstance(outcome, Payload):
             reply = wire.Reply(job_id, outcome.body, outcome.context)
