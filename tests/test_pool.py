@@ -322,30 +322,33 @@ async def test_a_submit_callback_may_submit_the_next_job() -> None:
     ]
 
 
+async def _late_job(
+    pool: Pool, busy: bytes, late: bytes, deadline_in: float, timeout: float | None = None
+) -> tuple[Payload | ShardpoolError, float]:
+    """Keep the pool's one worker on ``busy``, submit ``late`` with a deadline
+    ``deadline_in`` s away; return the late job's outcome and the seconds it took."""
+    outcomes = Outcomes()
+    pool.submit(Payload(busy), outcomes.callback("busy"))
+    started = time.monotonic()
+    pool.submit(Payload(late), outcomes.callback("late"), timeout, deadline=started + deadline_in)
+    await outcomes.wait(2)
+    (outcome,) = outcomes.got["late"]
+    return outcome, time.monotonic() - started
+
+
 @async_test(timeout=15)
 async def test_a_submitted_job_still_queued_at_its_deadline_times_out_and_never_runs() -> None:
-    outcomes = Outcomes()
     async with Pool(config(num_workers=1)) as pool:
-        pool.submit(Payload(b"sleep:500"), outcomes.callback("slow"))
-        started = time.monotonic()
-        pool.submit(Payload(b"echo:late"), outcomes.callback("late"), deadline=started + 0.1)
-        await outcomes.wait(2)
-        (late,) = outcomes.got["late"]
+        late, _ = await _late_job(pool, b"sleep:500", b"echo:late", 0.1)
         assert isinstance(late, JobTimeoutError) and "never ran" in str(late)
         assert pool.workers()[0].jobs == 1  # only the slow job ran
 
 
 @async_test(timeout=15)
 async def test_a_submitted_job_that_starts_late_gets_only_the_time_left() -> None:
-    outcomes = Outcomes()
     async with Pool(config(num_workers=1)) as pool:
-        pool.submit(Payload(b"sleep:300"), outcomes.callback("first"))
-        started = time.monotonic()
         # 0.6 s to its deadline, 0.3 s of it spent waiting: the 0.5 s job is cut
-        pool.submit(Payload(b"sleep:500"), outcomes.callback("late"), 0.6, deadline=started + 0.6)
-        await outcomes.wait(2)
-        took = time.monotonic() - started
-    (late,) = outcomes.got["late"]
+        late, took = await _late_job(pool, b"sleep:300", b"sleep:500", 0.6, timeout=0.6)
     assert isinstance(late, ExecTTLError), late
     assert took < 0.75, took  # at its deadline, not 0.6 s after it started
 
