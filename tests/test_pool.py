@@ -354,6 +354,33 @@ async def test_a_submitted_job_that_starts_late_gets_only_the_time_left() -> Non
 
 
 @async_test(timeout=15)
+async def test_a_stream_still_queued_at_its_deadline_times_out_and_never_runs() -> None:
+    outcomes = Outcomes()
+    async with Pool(config(num_workers=1)) as pool:
+        pool.submit(Payload(b"sleep:300"), outcomes.callback("busy"))  # takes the one worker
+        chunks: list[Payload] = []
+        with pytest.raises(JobTimeoutError, match="never ran"):
+            async for chunk in pool.stream(b"stream:2", deadline=time.monotonic() + 0.1):
+                chunks.append(chunk)
+        await outcomes.wait(1)
+        assert chunks == []
+        assert pool.workers()[0].jobs == 1  # only the busy job ran; no retry either
+
+
+@async_test(timeout=15)
+async def test_a_stream_that_starts_late_gets_only_the_time_left() -> None:
+    outcomes = Outcomes()
+    async with Pool(config(num_workers=1)) as pool:
+        pool.submit(Payload(b"sleep:300"), outcomes.callback("busy"))
+        started = time.monotonic()
+        # 0.6 s to its deadline, 0.3 s of it spent waiting: the 0.5 s stream is cut
+        with pytest.raises(ExecTTLError):
+            async for _ in pool.stream(b"sleep:500", 0.6, deadline=started + 0.6):
+                pass
+        assert time.monotonic() - started < 0.75
+
+
+@async_test(timeout=15)
 async def test_withdrawn_jobs_never_run_and_their_callbacks_stay_silent() -> None:
     outcomes = Outcomes()
     async with Pool(config(num_workers=1)) as pool:

@@ -205,14 +205,23 @@ def test_oversize_job_is_refused_with_a_reason(tmp_path: Path) -> None:
     ids=["in-the-broker", "held-by-the-shard"],
     indirect=True,
 )
-def test_job_queued_past_its_deadline_times_out_and_never_runs(service: Service) -> None:
+@pytest.mark.parametrize("kind", ["exec", "stream"])
+def test_job_queued_past_its_deadline_times_out_and_never_runs(service: Service, kind: str) -> None:
+    async def late(client: AsyncClient) -> None:
+        if kind == "exec":
+            await client.exec(b"echo:late", timeout=0.2)
+        else:
+            async for _ in client.stream(b"stream:2", timeout=0.2):
+                pass
+
     async def scenario() -> None:
         async with AsyncClient(service.address, timeout=10) as client:
             slow = [asyncio.ensure_future(client.exec(b"sleep:300")) for _ in range(3)]
-            await asyncio.sleep(0.05)  # let the slow jobs reach the broker first
+            # let the slow jobs reach the broker first (a stream also in the same message)
+            await asyncio.sleep(0.05 if kind == "exec" else 0)
             started = time.monotonic()
             with pytest.raises(JobTimeoutError, match="never ran"):
-                await client.exec(b"echo:late", timeout=0.2)
+                await late(client)
             assert time.monotonic() - started < 0.6  # at its deadline, not after the slow jobs
             for job in slow:
                 await job

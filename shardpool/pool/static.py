@@ -53,8 +53,11 @@ _BACKOFF_MAX = 5.0
 
 
 def retryable(exc: ShardpoolError) -> bool:
-    """A stop request, or a job that never reached PHP: safe to run elsewhere."""
-    return isinstance(exc, WorkerStoppedError) or not exc.job_started
+    """A stop request, or a job that never reached PHP: safe to run elsewhere
+    (unless it is past its deadline: then it must never run)."""
+    return isinstance(exc, WorkerStoppedError) or not (
+        exc.job_started or isinstance(exc, JobTimeoutError)
+    )
 
 
 def _outcome(task: asyncio.Future[Payload]) -> Payload | ShardpoolError:
@@ -66,6 +69,10 @@ def _outcome(task: asyncio.Future[Payload]) -> Payload | ShardpoolError:
     if isinstance(exc, ShardpoolError):
         return exc
     return ShardpoolError(f"internal error: {exc!r}")
+
+
+def _never_ran() -> JobTimeoutError:
+    return JobTimeoutError("the job's deadline passed while it waited for a worker; it never ran")
 
 
 class Submission:
@@ -137,11 +144,7 @@ class Submission:
                 left = self.deadline - time.monotonic()
                 if left <= 0:
                     self._finish()
-                    self._call(
-                        JobTimeoutError(
-                            "the job's deadline passed while it waited for a worker; it never ran"
-                        )
-                    )
+                    self._call(_never_ran())
                 elif job.ttl_seconds is None or left < job.ttl_seconds:
                     job.ttl_seconds = left
         return self.finished
@@ -366,19 +369,25 @@ class Pool:
         ]
 
     def expire_queued(self) -> float:
-        """Answer the queued jobs from :meth:`submit` whose deadline has passed
-        (:class:`JobTimeoutError`; they never run), at once rather than when a
-        worker frees up. Returns the earliest deadline still queued (0: none)."""
+        """Answer the queued jobs (from :meth:`submit` or :meth:`stream`) whose
+        deadline has passed (:class:`JobTimeoutError`; they never run), at once
+        rather than when a worker frees up. Returns the earliest deadline still
+        queued (0: none)."""
         kept: collections.deque[Job] = collections.deque()
         earliest = 0.0
         for job in self._queue:
             submission = job.future
-            if not isinstance(submission, Submission):
-                kept.append(job)
-            elif not submission.done():  # done() answers it if its deadline has passed
-                kept.append(job)
-                if submission.deadline and (not earliest or submission.deadline < earliest):
-                    earliest = submission.deadline
+            if isinstance(submission, Submission):
+                if submission.done():  # done() answers it if its deadline has passed
+                    continue
+                deadline = submission.deadline
+            elif job.deadline and self._overdue(job):
+                continue
+            else:
+                deadline = job.deadline
+            kept.append(job)
+            if deadline and (not earliest or deadline < earliest):
+                earliest = deadline
         if len(kept) < len(self._queue):
             self._queue.clear()
             self._queue.extend(kept)
@@ -412,12 +421,15 @@ class Pool:
         return max(1, self._target) * self._depth
 
     async def stream(
-        self, payload: Payload | bytes, timeout: float | None = None
+        self, payload: Payload | bytes, timeout: float | None = None, *, deadline: float = 0.0
     ) -> AsyncGenerator[Payload, None]:
         """Yield the chunks of a streamed reply (the final one included).
 
         Leaving the loop early sends STOP; the worker goes back to the pool once
         its stream ends within ``stream_timeout``, else it is killed and replaced.
+        ``deadline`` works as for :meth:`submit`: past it a stream still waiting
+        for a worker fails with :class:`JobTimeoutError` and never starts, and
+        one that starts late gets only the time left as its exec TTL.
         """
         if isinstance(payload, bytes):
             payload = Payload(payload)
@@ -428,6 +440,7 @@ class Pool:
             return
         for attempt in range(MAX_RETRIES):
             job = Job(payload, self._new_future(), asyncio.Queue(), self._ttl_for(timeout))
+            job.deadline = deadline
             self._submit(job)
             yielded = False
             try:
@@ -523,6 +536,17 @@ class Pool:
         if job.chunks is not None:
             job.chunks.put_nowait(error)
 
+    def _overdue(self, job: Job) -> bool:
+        """A queued stream's deadline: past it, the stream fails and never starts;
+        before it, the stream gets at most the time left as its exec TTL."""
+        left = job.deadline - time.monotonic()
+        if left <= 0:
+            self._fail(job, _never_ran())
+            return True
+        if job.ttl_seconds is None or left < job.ttl_seconds:
+            job.ttl_seconds = left
+        return False
+
     @staticmethod
     def _usable(worker: Worker) -> bool:
         return (
@@ -600,7 +624,9 @@ class Pool:
         while queue and room:
             job = queue.popleft()
             if job.future.done():
-                continue  # the caller gave up
+                continue  # the caller gave up, or a submitted job's deadline passed
+            if job.deadline and self._overdue(job):
+                continue
             try:
                 worker.start(job)
             except ShardpoolError:

@@ -246,14 +246,6 @@ class Shard:
             return
         job_id, timeout = job.id, job.timeout
         payload = Payload(job.body, job.ctx)
-        if job.stream:
-            assert self._loop is not None
-            task = self._loop.create_task(self._stream(job_id, payload, timeout or None))
-            # A done callback, not the coroutine, answers: a task cancelled before
-            # its first step never runs its body.
-            task.add_done_callback(lambda task: self._stream_ended(job_id, task))
-            self._streams[job_id] = task
-            return
         if timeout:
             deadline = now + timeout
             # Deadlines come nearly, not quite, in order (each job waited its own
@@ -263,6 +255,14 @@ class Shard:
                 self._arm_expiry(deadline)
         else:
             deadline = 0.0
+        if job.stream:
+            assert self._loop is not None
+            task = self._loop.create_task(self._stream(job_id, payload, timeout or None, deadline))
+            # A done callback, not the coroutine, answers: a task cancelled before
+            # its first step never runs its body.
+            task.add_done_callback(lambda task: self._stream_ended(job_id, task))
+            self._streams[job_id] = task
+            return
         self.pool.submit(
             payload,
             lambda outcome: self._answer(job_id, outcome),
@@ -328,12 +328,13 @@ class Shard:
             log.warning("shard %s: %d held jobs dropped, never run", self.name, len(ids))
 
     async def _stream(
-        self, job_id: int, payload: Payload, timeout: float | None
+        self, job_id: int, payload: Payload, timeout: float | None, deadline: float
     ) -> Payload | ShardpoolError:
         """Relay a stream's chunks; return its last one, or its error."""
         last: Payload | None = None
         try:
-            async with contextlib.aclosing(self.pool.stream(payload, timeout)) as chunks:
+            stream = self.pool.stream(payload, timeout, deadline=deadline)
+            async with contextlib.aclosing(stream) as chunks:
                 async for chunk in chunks:
                     if last is not None:
                         self._queue(wire.Reply(job_id, last.body, last.context, more=True))

@@ -83,6 +83,7 @@ class Job:
 
     __slots__ = (
         "chunks",
+        "deadline",
         "future",
         "parts",
         "payload",
@@ -108,6 +109,9 @@ class Job:
         self.parts: list[Payload] | None = None  # exec() of a streamed reply
         self.ttl: float | None = None  # loop time its exec TTL runs out, once PHP has it
         self.queued_at = 0.0  # loop time the pool queued it, for allocate_timeout
+        # time.monotonic() past which it must not start (0: none); a submitted
+        # job keeps its deadline in its Submission instead
+        self.deadline = 0.0
         self.worker: Worker | None = None
         self.stopping = False
         self.started = False
