@@ -918,6 +918,49 @@ async def test_debug_mode_streams_on_a_fresh_worker() -> None:
         assert pool.workers() == []
 
 
+@async_test(timeout=15)
+async def test_debug_mode_runs_at_most_num_workers_jobs_at_once() -> None:
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, len(running_children()))
+            await asyncio.sleep(0.005)
+
+    async with Pool(config(debug=True, num_workers=2)) as pool:
+        watcher = asyncio.create_task(watch())
+        started = time.monotonic()
+        jobs = [asyncio.create_task(pool.exec(b"sleep:200")) for _ in range(6)]
+        await poll(lambda: pool.queue_size == 4)  # two run, four wait their turn
+        replies = await asyncio.gather(*jobs)
+        took = time.monotonic() - started
+        watcher.cancel()
+    assert len(replies) == 6
+    assert most == 2, most  # never more PHP processes than num_workers
+    assert took >= 0.55, took  # three rounds of two
+
+
+@async_test(timeout=15)
+async def test_debug_mode_waits_for_a_worker_as_queued_jobs_do() -> None:
+    outcomes = Outcomes()
+    async with Pool(config(debug=True, num_workers=1, allocate_timeout="300ms")) as pool:
+        pool.submit(Payload(b"sleep:800"), outcomes.callback("busy"))
+        # past its deadline before the one worker frees up: it never runs
+        pool.submit(
+            Payload(b"echo:late"), outcomes.callback("late"), deadline=time.monotonic() + 0.1
+        )
+        # no deadline: it waits allocate_timeout, then gives up
+        pool.submit(Payload(b"echo:waits"), outcomes.callback("waits"))
+        await outcomes.wait(2)
+        (late,) = outcomes.got["late"]
+        assert isinstance(late, JobTimeoutError) and "never ran" in str(late)
+        (waits,) = outcomes.got["waits"]
+        assert isinstance(waits, NoFreeWorkersError), waits
+        await outcomes.wait(3)
+        assert isinstance(outcomes.got["busy"][0], Payload)
+
+
 @async_test(timeout=10)
 async def test_destroy_in_debug_mode_waits_for_jobs_in_flight() -> None:
     pool = Pool(config(debug=True))

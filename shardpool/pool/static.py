@@ -71,6 +71,14 @@ def _outcome(task: asyncio.Future[Payload]) -> Payload | ShardpoolError:
     return ShardpoolError(f"internal error: {exc!r}")
 
 
+def _at_most(ttl: float | None, left: float | None) -> float | None:
+    """An exec TTL cut to the time left before a deadline (None: no limit)."""
+    if left is None:
+        return ttl
+    left = max(left, 0.001)
+    return left if ttl is None else min(ttl, left)
+
+
 def _never_ran() -> JobTimeoutError:
     return JobTimeoutError("the job's deadline passed while it waited for a worker; it never ran")
 
@@ -232,6 +240,9 @@ class Pool:
         self._destroyed: asyncio.Future[None] | None = None
         self._debug_workers: set[Worker] = set()
         self._debug_spawns: set[asyncio.Future[Worker]] = set()
+        # Debug mode runs at most num_workers jobs at once; the rest wait here.
+        self._debug_running = 0
+        self._debug_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -343,12 +354,13 @@ class Pool:
         the wait for a worker: a job still queued then is answered with
         :class:`JobTimeoutError` and never started. Jobs still queued can be
         taken back with :meth:`withdraw`; ``tag`` is yours, to tell them
-        apart. In debug mode (a fresh worker per job) neither applies.
+        apart. In debug mode (a fresh worker per job) the deadline bounds the
+        wait for a worker as well, but jobs cannot be withdrawn.
         """
         submission = Submission(self, payload, callback, self._ttl_for(timeout), deadline, tag)
         if self.config.debug:
             submission.finished = True  # a debug job cannot be withdrawn
-            task = asyncio.ensure_future(self.exec(payload, timeout))
+            task = asyncio.ensure_future(self._exec_debug(payload, timeout, deadline))
             task.add_done_callback(lambda t: callback(_outcome(t)))
             return submission
         submission.start()
@@ -418,6 +430,8 @@ class Pool:
     @property
     def capacity(self) -> int:
         """Jobs the pool can start at once: workers x pipeline depth."""
+        if self.config.debug:
+            return self.config.num_workers  # one job per fresh worker
         return max(1, self._target) * self._depth
 
     async def stream(
@@ -434,7 +448,8 @@ class Pool:
         if isinstance(payload, bytes):
             payload = Payload(payload)
         if self.config.debug:
-            async with contextlib.aclosing(self._stream_debug(payload, timeout)) as chunks:
+            chunks = self._stream_debug(payload, timeout, deadline)
+            async with contextlib.aclosing(chunks) as chunks:
                 async for chunk in chunks:
                     yield chunk
             return
@@ -488,7 +503,7 @@ class Pool:
                 return
         limit = self.config.max_queue_size
         if limit and len(self._queue) >= limit:
-            raise QueueFullError(f"{limit} jobs are already waiting for a worker (max_queue_size)")
+            raise self._queue_full()
         assert self._loop is not None
         # The queue is FIFO, so one timer for its oldest job bounds every wait
         # (a timer per job would cost more than the rest of the queueing).
@@ -512,14 +527,17 @@ class Pool:
         limit = self._loop.time() - self.config.allocate_timeout
         queue = self._queue
         while queue and queue[0].queued_at <= limit:
-            self._fail(
-                queue.popleft(),
-                NoFreeWorkersError(
-                    f"no worker became free within {self.config.allocate_timeout:g}s "
-                    "(allocate_timeout)"
-                ),
-            )
+            self._fail(queue.popleft(), self._no_free_workers())
         self._arm_expiry()
+
+    def _queue_full(self) -> QueueFullError:
+        limit = self.config.max_queue_size
+        return QueueFullError(f"{limit} jobs are already waiting for a worker (max_queue_size)")
+
+    def _no_free_workers(self) -> NoFreeWorkersError:
+        return NoFreeWorkersError(
+            f"no worker became free within {self.config.allocate_timeout:g}s (allocate_timeout)"
+        )
 
     def _forget(self, job: Job) -> None:
         """The caller left: a job still queued is dropped."""
@@ -798,16 +816,60 @@ class Pool:
         if self._closing or not self._started:
             raise PoolClosedError("the pool is not running")
 
-    async def _exec_debug(self, payload: Payload, timeout: float | None) -> Payload:
+    async def _exec_debug(
+        self, payload: Payload, timeout: float | None, deadline: float = 0.0
+    ) -> Payload:
         """Debug mode: a fresh worker for every job, stopped afterwards."""
         if self._closing or not self._started:
             raise PoolClosedError("the pool is not running")
         check_payload(payload)
-        worker = await self._debug_spawn()
+        ttl = self._ttl_for(timeout)
+        async with self._debug_slot(deadline) as left:
+            worker = await self._debug_spawn()
+            try:
+                return await worker.exec(payload, _at_most(ttl, left))
+            finally:
+                await self._debug_done(worker)
+
+    @contextlib.asynccontextmanager
+    async def _debug_slot(self, deadline: float) -> AsyncGenerator[float | None, None]:
+        """Debug mode runs at most ``num_workers`` jobs (fresh workers) at once;
+        the others wait as queued jobs do: up to ``allocate_timeout``, at most
+        ``max_queue_size`` of them, never past their deadline. Yields the time
+        left to the deadline (None: no deadline)."""
+        if self._debug_running >= self.config.num_workers or self._debug_waiters:
+            limit = self.config.max_queue_size
+            if limit and len(self._debug_waiters) >= limit:
+                raise self._queue_full()
+            wait = float(self.config.allocate_timeout)
+            late = bool(deadline) and deadline - time.monotonic() < wait
+            if late:
+                wait = max(0.0, deadline - time.monotonic())
+            assert self._loop is not None
+            turn = self._loop.create_future()
+            self._debug_waiters.append(turn)
+            try:
+                await asyncio.wait_for(turn, wait)  # a finished job hands over its slot
+            except TimeoutError:
+                raise (_never_ran() if late else self._no_free_workers()) from None
+            finally:
+                if not turn.done() or turn.cancelled():
+                    with contextlib.suppress(ValueError):
+                        self._debug_waiters.remove(turn)
+        else:
+            self._debug_running += 1
         try:
-            return await worker.exec(payload, self._ttl_for(timeout))
+            yield (deadline - time.monotonic()) if deadline else None
         finally:
-            await self._debug_done(worker)
+            self._debug_release()
+
+    def _debug_release(self) -> None:
+        while self._debug_waiters:
+            turn = self._debug_waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot passes on: the running count stays
+                return
+        self._debug_running -= 1
 
     async def _debug_spawn(self) -> Worker:
         async def spawn() -> Worker:
@@ -829,19 +891,21 @@ class Pool:
             self._debug_workers.discard(worker)
 
     async def _stream_debug(
-        self, payload: Payload, timeout: float | None
+        self, payload: Payload, timeout: float | None, deadline: float
     ) -> AsyncGenerator[Payload, None]:
         if self._closing or not self._started:
             raise PoolClosedError("the pool is not running")
         check_payload(payload)
-        worker = await self._debug_spawn()
-        try:
-            chunks = worker.stream(payload, self._ttl_for(timeout), self.config.stream_timeout)
-            async with contextlib.aclosing(chunks) as stream:
-                async for chunk in stream:
-                    yield chunk
-        finally:
-            await self._debug_done(worker)
+        ttl = self._ttl_for(timeout)
+        async with self._debug_slot(deadline) as left:
+            worker = await self._debug_spawn()
+            try:
+                chunks = worker.stream(payload, _at_most(ttl, left), self.config.stream_timeout)
+                async with contextlib.aclosing(chunks) as stream:
+                    async for chunk in stream:
+                        yield chunk
+            finally:
+                await self._debug_done(worker)
 
     # -- inspection ------------------------------------------------------------
 
@@ -878,7 +942,7 @@ class Pool:
     @property
     def queue_size(self) -> int:
         """Jobs waiting for a free worker."""
-        return len(self._queue)
+        return len(self._queue) + len(self._debug_waiters)
 
     @property
     def size(self) -> int:
