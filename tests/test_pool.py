@@ -961,6 +961,20 @@ async def test_debug_mode_waits_for_a_worker_as_queued_jobs_do() -> None:
         assert isinstance(outcomes.got["busy"][0], Payload)
 
 
+@async_test(timeout=15)
+async def test_destroy_in_debug_mode_fails_the_jobs_waiting_for_a_turn() -> None:
+    pool = Pool(config(debug=True, num_workers=1))
+    await pool.start()
+    running = asyncio.create_task(pool.exec(b"sleep:300"))
+    waiting = asyncio.create_task(pool.exec(b"echo:never"))
+    await poll(lambda: pool.queue_size == 1)
+    await pool.destroy()
+    assert (await running).body == b"slept"
+    with pytest.raises(PoolClosedError):
+        await waiting
+    assert running_children() == []
+
+
 @async_test(timeout=10)
 async def test_destroy_in_debug_mode_waits_for_jobs_in_flight() -> None:
     pool = Pool(config(debug=True))

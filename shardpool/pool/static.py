@@ -292,6 +292,10 @@ class Pool:
         closed = PoolClosedError("the pool was destroyed before the job started")
         while self._queue:
             self._fail(self._queue.popleft(), closed)
+        while self._debug_waiters:  # debug jobs waiting for a turn
+            turn = self._debug_waiters.popleft()
+            if not turn.done():
+                turn.set_exception(closed)
         self._idle.clear()
         timeout = self.config.destroy_timeout
         await asyncio.gather(*self._debug_spawns, return_exceptions=True)
