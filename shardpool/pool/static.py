@@ -934,7 +934,7 @@ class Pool:
         workers = self.workers()
         by_state: collections.Counter[str] = collections.Counter(w.state for w in workers)
         return {
-            "queue": len(self._queue),
+            "queue": self.queue_size,
             "workers": len(workers),
             "workers_by_state": dict(by_state),
             "worker_memory": {str(w.pid): w.memory for w in workers},
