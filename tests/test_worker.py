@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import select
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -45,6 +49,7 @@ from shardpool.protocol import (
     encode_frame,
     encode_job,
 )
+from shardpool.worker.process import exit_fd
 from shardpool.worker.state import WorkerState
 from shardpool.worker.worker import Worker, jittered
 
@@ -253,6 +258,39 @@ async def test_crash_mid_job_reports_exit_status_and_stderr(relay: str) -> None:
         message = str(caught.value)
         assert "exited with status 3" in message
         assert "crash.php dying on purpose" in message
+
+
+@pytest.fixture
+def no_pidfd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A system without pidfds (Linux before 5.3, macOS, some sandboxes)."""
+
+    def unsupported(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", unsupported)
+
+
+def test_exit_fd_without_pidfds_turns_readable_when_the_process_exits(no_pidfd: None) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read(); sys.exit(7)"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+    fd = exit_fd(child)
+    try:
+        assert select.select([fd], [], [], 0.1)[0] == []  # still running
+        assert child.stdin is not None
+        child.stdin.close()  # now it exits
+        assert select.select([fd], [], [], 10)[0] == [fd]
+        assert child.poll() == 7
+    finally:
+        os.close(fd)
+
+
+@async_test(timeout=10)
+async def test_crash_is_seen_without_pidfds(relay: str, no_pidfd: None) -> None:
+    async with relay_factory(relay) as factory, spawned(factory, "crash.php") as worker:
+        with pytest.raises(WorkerCrashedError, match="exited with status 3"):
+            await worker.exec(Payload(b"job"))
+        assert isinstance(await ended(worker), WorkerCrashedError)
+        assert worker.process.returncode == 3
 
 
 @async_test(timeout=10)

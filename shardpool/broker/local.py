@@ -14,7 +14,7 @@ import msgspec
 
 from shardpool.config import PoolConfig, convert, to_json
 from shardpool.curve import CURVE_ENV
-from shardpool.worker.process import exit_how
+from shardpool.worker.process import exit_fd, exit_how
 
 log = logging.getLogger("shardpool.broker")
 
@@ -34,7 +34,7 @@ def pool_from_env() -> PoolConfig | None:
 
 
 class LocalShard:
-    """One shard child process. Its exit is watched through a pidfd, its
+    """One shard child process. Its exit is watched through a pidfd (:func:`exit_fd`), its
     STDERR forwarded line by line (and the last lines kept for errors)."""
 
     def __init__(
@@ -85,7 +85,7 @@ class LocalShard:
         assert self.proc.stderr is not None
         self.stderr_fd = self.proc.stderr.fileno()
         os.set_blocking(self.stderr_fd, False)
-        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.pidfd = exit_fd(self.proc)  # readable once it has exited
         self.said_hello = False
         self.restart_at = None
         log.info("started shard %s (pid %d)", self.name, self.proc.pid)

@@ -2,7 +2,8 @@
 
 The process runs in its own session (so a Ctrl-C at the terminal reaches
 shardpool, which then stops the workers in order). Its exit is seen through
-a pidfd on the event loop: no thread, no SIGCHLD handler.
+a pidfd on the event loop: no thread, no SIGCHLD handler (where the system
+has no pidfd, a thread per process waits for it instead: :func:`exit_fd`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -101,6 +103,32 @@ class LineLogger(asyncio.Protocol):
             self.closed.set_result(None)
 
 
+def exit_fd(popen: subprocess.Popen[bytes]) -> int:
+    """A descriptor that becomes readable once ``popen``'s process has exited.
+
+    Its pidfd where the system has them (Linux 5.3 and later); elsewhere
+    (older kernels, macOS, some sandboxes) the read end of a pipe whose other
+    end a thread closes once ``popen.wait()`` returns. Either way the caller
+    closes it, and finds the exit status with ``popen.poll()``.
+    """
+    try:
+        return os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):
+        pass
+    read_end, write_end = os.pipe()
+
+    def wait() -> None:
+        try:
+            popen.wait()
+        except Exception:  # never leave the pipe open: the caller would wait forever
+            log.exception("cannot wait for pid %d", popen.pid)
+        finally:
+            os.close(write_end)
+
+    threading.Thread(target=wait, name=f"shardpool-wait-{popen.pid}", daemon=True).start()
+    return read_end
+
+
 class PhpProcess:
     """One child process. ``exited`` resolves to its return code.
 
@@ -118,8 +146,8 @@ class PhpProcess:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._stderr: LineLogger | None = None
         self._on_exit: list[Callable[[int], None]] = []
-        self._pidfd = os.pidfd_open(self.pid)
-        loop.add_reader(self._pidfd, self._reap)
+        self._exit_fd = exit_fd(popen)
+        loop.add_reader(self._exit_fd, self._reap)
 
     @classmethod
     async def spawn(
@@ -179,8 +207,8 @@ class PhpProcess:
         code = self.popen.poll()
         if code is None:  # spurious wake-up
             return
-        self.loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
+        self.loop.remove_reader(self._exit_fd)
+        os.close(self._exit_fd)
         self.returncode = code
         self.exited.set_result(code)
         for callback in self._on_exit:
