@@ -321,7 +321,9 @@ class Pool:
             payload = Payload(payload)
         if self.config.debug:
             return await self._exec_debug(payload, timeout)
-        loop = self._running_loop()
+        loop = self._loop  # the hot path: no call
+        if loop is None:
+            loop = self._running_loop()  # raises, naming the cause
         ttl = self._ttl if timeout is None else self._ttl_for(timeout)
         for _ in range(MAX_RETRIES):
             future: asyncio.Future[Payload] = loop.create_future()
@@ -500,7 +502,9 @@ class Pool:
             if self._usable(worker) and not worker.closing:
                 worker.start(job)
                 return
-        if self._depth > 1:
+        # Jobs already queued mean no worker has room (a worker that frees up
+        # takes from the queue first): this one queues behind them.
+        if self._depth > 1 and not self._queue:
             busy = self._least_loaded()
             if busy is not None and not busy.closing:
                 busy.start(job)
