@@ -83,7 +83,7 @@ def _never_ran() -> JobTimeoutError:
     return JobTimeoutError("the job's deadline passed while it waited for a worker; it never ran")
 
 
-class Submission:
+class Submission(msgspec.Struct, eq=False):
     """A job handed to :meth:`Pool.submit`: callback-driven, with the retry
     rules of :meth:`Pool.exec`.
 
@@ -95,37 +95,15 @@ class Submission:
     ``tag`` is the submitter's own, to tell its jobs apart.
     """
 
-    __slots__ = (
-        "attempts",
-        "callback",
-        "deadline",
-        "finished",
-        "job",
-        "payload",
-        "pool",
-        "tag",
-        "ttl",
-    )
-
-    def __init__(
-        self,
-        pool: Pool,
-        payload: Payload,
-        callback: Callable[[Payload | ShardpoolError], None],
-        ttl: float | None,
-        deadline: float = 0.0,
-        tag: int = 0,
-        attempts: int = 0,
-    ) -> None:
-        self.pool = pool
-        self.payload = payload
-        self.callback = callback
-        self.ttl = ttl
-        self.deadline = deadline  # time.monotonic(); 0: none
-        self.tag = tag
-        self.attempts = attempts
-        self.finished = False
-        self.job: Job | None = None
+    pool: Pool
+    payload: Payload
+    callback: Callable[[Payload | ShardpoolError], None]
+    ttl: float | None
+    deadline: float = 0.0  # time.monotonic(); 0: none
+    tag: int = 0
+    attempts: int = 0
+    finished: bool = False
+    job: Job | None = None
 
     def start(self) -> None:
         self.attempts += 1
