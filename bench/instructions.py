@@ -33,6 +33,7 @@ import uvloop
 from common import ECHO, machine, table
 
 from shardpool import Payload, Pool, pool_config
+from shardpool.ipc import PipeFactory
 
 _REFS = re.compile(r"Collected\s*:\s*(\d+)")
 
@@ -45,6 +46,12 @@ async def _jobs(api: str, jobs: int, workers: int, concurrency: int, depth: str)
         pipeline_depth=depth if depth == "auto" else int(depth),
     )
     payload = Payload(b"x" * 16)
+    if api == "worker":  # one worker, one job at a time: Worker.exec alone
+        worker = await PipeFactory().spawn(["php", str(ECHO)])
+        for _ in range(jobs):
+            await worker.exec(payload)
+        await worker.stop()
+        return
     async with Pool(config) as pool:
         if api == "exec":
             left = jobs
@@ -94,7 +101,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--depth", default="1,4", help="pipeline depths, comma-separated")
-    parser.add_argument("--api", default="exec,submit", help="exec (16 awaiting callers), submit")
+    parser.add_argument(
+        "--api",
+        default="exec,submit",
+        help="exec (awaiting callers), submit (callbacks), worker (Worker.exec, one at a time)",
+    )
     parser.add_argument("--jobs", default="2000,12000", help="the two job counts")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
