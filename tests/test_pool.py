@@ -17,6 +17,7 @@ import gc
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from conftest import WORKERS, async_test, php, pids, poll, until
 
 from shardpool import (
     AllocateError,
+    ConfigError,
     ExecTTLError,
     JobTimeoutError,
     NoFreeWorkersError,
@@ -988,6 +990,26 @@ async def test_destroy_in_debug_mode_waits_for_jobs_in_flight() -> None:
 
 
 # ---------------------------------------------------------------- spawn failures
+
+
+@pytest.mark.parametrize("why", ["in use", "path too long", "no such directory"])
+@async_test(timeout=10)
+async def test_start_fails_naming_a_relay_it_cannot_listen_on(why: str, tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        if why == "in use":
+            taken = stack.enter_context(socket.socket())
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            relay = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        elif why == "path too long":
+            relay = f"unix://{tmp_path}/{'d' * 120}.sock"
+        else:
+            relay = f"unix://{tmp_path}/missing/w.sock"
+        pool = Pool(config(relay=relay))
+        with pytest.raises(ConfigError, match="cannot listen there") as caught:
+            await pool.start()
+    assert relay in str(caught.value)
+    assert running_children() == []
 
 
 @async_test(timeout=10)

@@ -90,6 +90,14 @@ class SocketFactory:
         self._lock = asyncio.Lock()
 
     async def _listen(self) -> None:
+        try:
+            await self._bind()
+        except OSError as exc:  # in use, no such directory, path too long, no permission
+            raise ConfigError(
+                f"relay {self.address!r}: cannot listen there: {exc.strerror or exc}"
+            ) from None
+
+    async def _bind(self) -> None:
         loop = asyncio.get_running_loop()
         scheme, _, rest = self.address.partition("://")
         if scheme == "tcp":
