@@ -44,6 +44,7 @@ from shardpool import (
     WorkerStoppedError,
     pool_config,
 )
+from shardpool.errors import UnavailableError
 from shardpool.pool import allocator
 from shardpool.worker.worker import Worker
 
@@ -380,6 +381,29 @@ async def test_a_stream_that_starts_late_gets_only_the_time_left() -> None:
             async for _ in pool.stream(b"sleep:500", 0.6, deadline=started + 0.6):
                 pass
         assert time.monotonic() - started < 0.75
+
+
+@async_test(timeout=15)
+async def test_withdrawn_streams_never_run_and_their_iterators_say_so() -> None:
+    outcomes = Outcomes()
+    async with Pool(config(num_workers=1)) as pool:
+        pool.submit(Payload(b"sleep:200"), outcomes.callback("busy"))  # takes the one worker
+
+        async def consume(tag: int) -> list[bytes] | ShardpoolError:
+            try:
+                return [chunk.body async for chunk in pool.stream(b"stream:2", tag=tag)]
+            except ShardpoolError as exc:
+                return exc
+
+        streams = [asyncio.create_task(consume(tag)) for tag in (1, 2, 3)]
+        await poll(lambda: pool.queue_size == 3)
+        assert pool.withdraw_streams(lambda tag: tag != 2) == [1, 3]
+        first, second, third = await asyncio.gather(*streams)
+        assert second == [b"chunk 0", b"chunk 1", b"end"]
+        for taken in (first, third):
+            assert isinstance(taken, UnavailableError) and "never ran" in str(taken)
+        assert pool.workers()[0].jobs == 2  # the busy job and stream 2
+        assert pool.withdraw_streams() == []
 
 
 @async_test(timeout=15)

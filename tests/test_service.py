@@ -235,17 +235,25 @@ def test_job_queued_past_its_deadline_times_out_and_never_runs(service: Service,
 @pytest.mark.parametrize(
     "service", [("--shards", "2", "--workers", "1", "--worker", COMMANDS)], indirect=True
 )
+@pytest.mark.parametrize("kind", ["exec", "stream"])
 def test_slow_job_on_one_shard_does_not_hold_back_jobs_another_shard_can_run(
-    service: Service,
+    service: Service, kind: str
 ) -> None:
+    async def fast_job(client: AsyncClient, i: int) -> bytes:
+        if kind == "exec":
+            return (await client.exec(f"echo:{i}".encode())).body
+        chunks = [chunk.body async for chunk in client.stream(b"stream:2")]
+        assert chunks == [b"chunk 0", b"chunk 1", b"end"]
+        return str(i).encode()
+
     # Default prefetch: each shard may hold jobs beyond what its one worker runs.
     async def scenario() -> tuple[float, bool]:
         async with AsyncClient(service.address, timeout=10) as client:
             slow = asyncio.ensure_future(client.exec(b"sleep:3000"))
             await asyncio.sleep(0.2)  # it runs on one shard now
             started = time.monotonic()
-            fast = await asyncio.gather(*(client.exec(f"echo:{i}".encode()) for i in range(40)))
-            assert [r.body for r in fast] == [str(i).encode() for i in range(40)]
+            fast = await asyncio.gather(*(fast_job(client, i) for i in range(40)))
+            assert fast == [str(i).encode() for i in range(40)]
             took = time.monotonic() - started
             still_running = not slow.done()
             await slow

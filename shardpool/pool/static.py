@@ -30,6 +30,7 @@ from shardpool.errors import (
     PoolClosedError,
     QueueFullError,
     ShardpoolError,
+    UnavailableError,
     WorkerStoppedError,
 )
 from shardpool.ipc import factory_for
@@ -411,6 +412,23 @@ class Pool:
             self._queue.extend(kept)
         return taken
 
+    def withdraw_streams(self, which: Callable[[int], bool] | None = None) -> list[int]:
+        """Take back queued streams (those whose ``tag`` ``which`` picks, or all):
+        no worker has them, and they never start; their iterators raise
+        :class:`UnavailableError`. Returns their tags, oldest first."""
+        taken: list[int] = []
+        kept: collections.deque[Job] = collections.deque()
+        for job in self._queue:
+            if job.chunks is not None and (which is None or which(job.tag)):
+                self._fail(job, UnavailableError("the stream was taken back; it never ran"))
+                taken.append(job.tag)
+            else:
+                kept.append(job)
+        if taken:
+            self._queue.clear()
+            self._queue.extend(kept)
+        return taken
+
     @property
     def capacity(self) -> int:
         """Jobs the pool can start at once: workers x pipeline depth."""
@@ -419,7 +437,12 @@ class Pool:
         return max(1, self._target) * self._depth
 
     async def stream(
-        self, payload: Payload | bytes, timeout: float | None = None, *, deadline: float = 0.0
+        self,
+        payload: Payload | bytes,
+        timeout: float | None = None,
+        *,
+        deadline: float = 0.0,
+        tag: int = 0,
     ) -> AsyncGenerator[Payload, None]:
         """Yield the chunks of a streamed reply (the final one included).
 
@@ -427,7 +450,8 @@ class Pool:
         its stream ends within ``stream_timeout``, else it is killed and replaced.
         ``deadline`` works as for :meth:`submit`: past it a stream still waiting
         for a worker fails with :class:`JobTimeoutError` and never starts, and
-        one that starts late gets only the time left as its exec TTL.
+        one that starts late gets only the time left as its exec TTL. A stream
+        still waiting can be taken back by its ``tag`` (:meth:`withdraw_streams`).
         """
         if isinstance(payload, bytes):
             payload = Payload(payload)
@@ -440,6 +464,7 @@ class Pool:
         for attempt in range(MAX_RETRIES):
             job = Job(payload, self._new_future(), asyncio.Queue(), self._ttl_for(timeout))
             job.deadline = deadline
+            job.tag = tag
             self._submit(job)
             yielded = False
             try:

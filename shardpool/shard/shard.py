@@ -255,6 +255,8 @@ class Shard:
                 self._arm_expiry(deadline)
         else:
             deadline = 0.0
+        if self._stall_timer is None and self._in_flight > self.pool.capacity:
+            self._arm_stall()  # some jobs wait for a worker: watch that they move
         if job.stream:
             assert self._loop is not None
             task = self._loop.create_task(self._stream(job_id, payload, timeout or None, deadline))
@@ -270,8 +272,6 @@ class Shard:
             deadline=deadline,
             tag=job_id,
         )
-        if self._stall_timer is None and self._in_flight > self.pool.capacity:
-            self._arm_stall()  # some jobs wait for a worker: watch that they move
 
     def _arm_expiry(self, deadline: float) -> None:
         assert self._loop is not None
@@ -309,6 +309,10 @@ class Shard:
     def _take_held(self) -> list[int]:
         """Take every held job back from the pool: they no longer count as ours."""
         ids = [held.tag for held in self.pool.withdraw()]
+        streams = self.pool.withdraw_streams(lambda job_id: job_id in self._streams)
+        for job_id in streams:
+            del self._streams[job_id]  # its task ends unanswered (_stream_ended)
+        ids += streams
         self._in_flight -= len(ids)
         self._check_idle()
         return ids
@@ -333,7 +337,7 @@ class Shard:
         """Relay a stream's chunks; return its last one, or its error."""
         last: Payload | None = None
         try:
-            stream = self.pool.stream(payload, timeout, deadline=deadline)
+            stream = self.pool.stream(payload, timeout, deadline=deadline, tag=job_id)
             async with contextlib.aclosing(stream) as chunks:
                 async for chunk in chunks:
                     if last is not None:
@@ -344,7 +348,8 @@ class Shard:
         return last or Payload()
 
     def _stream_ended(self, job_id: int, task: asyncio.Task[Payload | ShardpoolError]) -> None:
-        self._streams.pop(job_id, None)
+        if self._streams.pop(job_id, None) is None:
+            return  # taken back before it started (_take_held): no longer ours to answer
         outcome: Payload | ShardpoolError
         if task.cancelled():
             outcome = UnavailableError("the stream was cancelled")

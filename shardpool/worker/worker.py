@@ -100,6 +100,7 @@ class Job(msgspec.Struct, eq=False):
     worker: Worker | None = None
     stopping: bool = False
     started: bool = False
+    tag: int = 0  # the submitter's own (Pool.stream), to take it back while queued
 
 
 def check_payload(payload: Payload) -> None:
