@@ -394,36 +394,39 @@ class Pool:
         """Take back queued jobs from :meth:`submit` (those ``which`` picks, or
         all): no worker has them, and their callbacks are never called.
         Returns them, oldest first."""
-        taken: list[Submission] = []
-        kept: collections.deque[Job] = collections.deque()
-        for job in self._queue:
+
+        def picked(job: Job) -> bool:
             submission = job.future
-            if (
+            return (
                 isinstance(submission, Submission)
                 and not submission.finished
                 and (which is None or which(submission))
-            ):
-                submission._finish()
-                taken.append(submission)
-            else:
-                kept.append(job)
-        if taken:
-            self._queue.clear()
-            self._queue.extend(kept)
+            )
+
+        taken: list[Submission] = []
+        for job in self._take_queued(picked):
+            assert isinstance(job.future, Submission)
+            job.future._finish()
+            taken.append(job.future)
         return taken
 
     def withdraw_streams(self, which: Callable[[int], bool] | None = None) -> list[int]:
         """Take back queued streams (those whose ``tag`` ``which`` picks, or all):
         no worker has them, and they never start; their iterators raise
         :class:`UnavailableError`. Returns their tags, oldest first."""
-        taken: list[int] = []
+        taken = self._take_queued(
+            lambda job: job.chunks is not None and (which is None or which(job.tag))
+        )
+        for job in taken:
+            self._fail(job, UnavailableError("the stream was taken back; it never ran"))
+        return [job.tag for job in taken]
+
+    def _take_queued(self, picked: Callable[[Job], bool]) -> list[Job]:
+        """Remove the queued jobs ``picked`` selects; return them, oldest first."""
+        taken: list[Job] = []
         kept: collections.deque[Job] = collections.deque()
         for job in self._queue:
-            if job.chunks is not None and (which is None or which(job.tag)):
-                self._fail(job, UnavailableError("the stream was taken back; it never ran"))
-                taken.append(job.tag)
-            else:
-                kept.append(job)
+            (taken if picked(job) else kept).append(job)
         if taken:
             self._queue.clear()
             self._queue.extend(kept)
