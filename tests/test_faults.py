@@ -526,7 +526,10 @@ def test_slow_client_costs_the_broker_bounded_memory(
     import msgspec
     import zmq
 
-    svc = start({"client_hwm": 2})
+    # 8 reply messages per client: the slow one cannot cost much, and the load's
+    # clients keep room for a broker whose ZeroMQ I/O thread waits for a core
+    # (at 2, such a wait on a busy machine dropped a healthy client's reply).
+    svc = start({"client_hwm": 8})
     broker = psutil.Process(svc.proc.pid)
     body = b"echo:" + b"x" * 32 * 1024
     with Load(svc.address) as load, Client(svc.address, timeout=20) as client:
