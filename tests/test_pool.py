@@ -16,8 +16,11 @@ import contextlib
 import gc
 import os
 import re
+import resource
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -1014,6 +1017,47 @@ async def test_destroy_in_debug_mode_waits_for_jobs_in_flight() -> None:
 
 
 # ---------------------------------------------------------------- spawn failures
+
+
+_OPEN_FILES_SCRIPT = """
+import asyncio, resource, sys
+from shardpool import Pool, ShardpoolError, pool_config
+
+async def main():
+    config = pool_config(command=["php", sys.argv[1]], num_workers=30)
+    try:
+        async with Pool(config) as pool:
+            replies = await asyncio.gather(*(pool.exec(b"x") for _ in range(60)))
+            print("ok", len(replies), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    except ShardpoolError as exc:
+        print(type(exc).__name__, exc)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("hard", [100_000, 100], ids=["room-above-soft", "hard-limit-too-low"])
+def test_a_pool_makes_room_for_its_open_files_or_says_why_it_cannot(hard: int) -> None:
+    # 30 workers need about 300 descriptors; the soft limit is 100.
+    hard = min(hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard))
+
+    done = subprocess.run(
+        [sys.executable, "-c", _OPEN_FILES_SCRIPT, str(WORKERS / "echo.php")],
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out = done.stdout.strip()
+    if hard > 100:
+        assert out.startswith("ok 60"), out + done.stderr[-2000:]
+        assert int(out.split()[-1]) > 100  # the soft limit was raised
+    else:
+        assert out.startswith("AllocateError"), out + done.stderr[-2000:]
+        assert "too many open files (the limit is 100" in out and "ulimit -n" in out
 
 
 @pytest.mark.parametrize("why", ["in use", "path too long", "no such directory"])

@@ -38,6 +38,7 @@ from shardpool.payload import Payload
 from shardpool.pool.allocator import DynamicAllocator
 from shardpool.pool.lifecycle import REASON_BY_STATE, Lifecycle
 from shardpool.pool.supervisor import Supervisor, rss_bytes
+from shardpool.worker.fdlimit import make_room_for
 from shardpool.worker.state import MARKS, WorkerState
 from shardpool.worker.worker import Job, Worker, check_payload, stream_chunks
 
@@ -239,6 +240,8 @@ class Pool:
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._started = True
+        extra = self.config.dynamic_allocator
+        make_room_for(self.config.num_workers + (extra.max_workers if extra else 0))
         results = await asyncio.gather(
             *(self._spawn() for _ in range(self._target)), return_exceptions=True
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from shardpool.errors import AllocateError
+from shardpool.worker.fdlimit import FDS_PER_WORKER, open_files_limit
 
 log = logging.getLogger("shardpool.worker")
 
@@ -103,6 +105,17 @@ class LineLogger(asyncio.Protocol):
             self.closed.set_result(None)
 
 
+_NO_ROOM = (errno.EMFILE, errno.ENFILE)
+
+
+def _too_many_files(command: Sequence[str]) -> AllocateError:
+    return AllocateError(
+        f"cannot start worker {list(command)!r}: too many open files (the limit is "
+        f"{open_files_limit()}, about {FDS_PER_WORKER} a worker): raise 'ulimit -n', "
+        "or run fewer workers"
+    )
+
+
 def exit_fd(popen: subprocess.Popen[bytes]) -> int:
     """A descriptor that becomes readable once ``popen``'s process has exited.
 
@@ -113,8 +126,11 @@ def exit_fd(popen: subprocess.Popen[bytes]) -> int:
     """
     try:
         return os.pidfd_open(popen.pid)
-    except (AttributeError, OSError):
-        pass
+    except AttributeError:
+        pass  # not Linux
+    except OSError as exc:
+        if exc.errno in _NO_ROOM:
+            raise  # no descriptor to spare: a pipe would fail the same way
     read_end, write_end = os.pipe()
 
     def wait() -> None:
@@ -179,8 +195,20 @@ class PhpProcess:
                 f"cannot start worker: {command[0]!r} is not executable ({exc.strerror})"
             ) from None
         except OSError as exc:
+            if exc.errno in _NO_ROOM:
+                raise _too_many_files(command) from None
             raise AllocateError(f"cannot start worker {list(command)!r}: {exc}") from None
-        proc = cls(popen, loop)
+        try:
+            proc = cls(popen, loop)
+        except OSError as exc:  # no descriptor left to watch its exit
+            popen.kill()
+            popen.wait()
+            for pipe in (popen.stdin, popen.stdout, popen.stderr):
+                if pipe is not None:
+                    pipe.close()
+            if exc.errno in _NO_ROOM:
+                raise _too_many_files(command) from None
+            raise AllocateError(f"cannot watch worker {list(command)!r}: {exc}") from None
         proc.pipes = pipes
         assert popen.stderr is not None and popen.stdout is not None
         try:
