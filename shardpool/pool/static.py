@@ -93,8 +93,9 @@ class Submission(msgspec.Struct, eq=False):
     a result goes to the callback at once, with no future and no extra pass
     of the event loop per job. A retry is scheduled, not run inside the
     worker's I/O callback. While the job waits for a worker it can be taken
-    back (:meth:`Pool.withdraw`), and past its ``deadline`` it is never started.
-    ``tag`` is the submitter's own, to tell its jobs apart.
+    back (:meth:`Pool.withdraw`); its ``deadline`` goes on each attempt's Job,
+    which the pool never starts past it. ``tag`` is the submitter's own, to
+    tell its jobs apart.
     """
 
     pool: Pool
@@ -105,36 +106,18 @@ class Submission(msgspec.Struct, eq=False):
     tag: int = 0
     attempts: int = 0
     finished: bool = False
-    job: Job | None = None
 
     def start(self) -> None:
         self.attempts += 1
-        self.job = Job(self.payload, self, None, self.ttl)
         try:
-            self.pool._submit(self.job)
+            self.pool._submit(Job(self.payload, self, None, self.ttl, deadline=self.deadline))
         except ShardpoolError as exc:
-            self._finish()
+            self.finished = True
             self.callback(exc)
-
-    def _finish(self) -> None:
-        self.finished = True
-        self.job = None  # the job refers to us: no cycle left for the garbage collector
 
     # -- the part of asyncio.Future that workers and the pool use ---------------
 
     def done(self) -> bool:
-        # The pool asks this of a queued job before it starts it: one whose
-        # deadline has passed is answered here, and never started; one that
-        # starts gets only the time left as its exec TTL.
-        if self.deadline and not self.finished:
-            job = self.job
-            if job is not None and job.worker is None:
-                left = self.deadline - time.monotonic()
-                if left <= 0:
-                    self._finish()
-                    self._call(_never_ran())
-                elif job.ttl_seconds is None or left < job.ttl_seconds:
-                    job.ttl_seconds = left
         return self.finished
 
     def exception(self) -> BaseException | None:
@@ -143,12 +126,11 @@ class Submission(msgspec.Struct, eq=False):
         return None
 
     def set_result(self, result: Payload, /) -> None:
-        self.finished = True  # _finish(), inlined: this runs once per job
-        self.job = None
+        self.finished = True
         self._call(result)
 
     def set_exception(self, exception: BaseException, /) -> None:
-        self._finish()
+        self.finished = True
         error = exception
         if not isinstance(error, ShardpoolError):
             error = ShardpoolError(f"internal error: {exception!r}")
@@ -376,15 +358,9 @@ class Pool:
         kept: collections.deque[Job] = collections.deque()
         earliest = 0.0
         for job in self._queue:
-            submission = job.future
-            if isinstance(submission, Submission):
-                if submission.done():  # done() answers it if its deadline has passed
-                    continue
-                deadline = submission.deadline
-            elif job.deadline and self._overdue(job):
-                continue
-            else:
-                deadline = job.deadline
+            deadline = job.deadline
+            if job.future.done() or (deadline and self._overdue(job)):
+                continue  # its caller left, or it has just been answered
             kept.append(job)
             if deadline and (not earliest or deadline < earliest):
                 earliest = deadline
@@ -409,7 +385,7 @@ class Pool:
         taken: list[Submission] = []
         for job in self._take_queued(picked):
             assert isinstance(job.future, Submission)
-            job.future._finish()
+            job.future.finished = True
             taken.append(job.future)
         return taken
 
@@ -468,9 +444,14 @@ class Pool:
                     yield chunk
             return
         for attempt in range(MAX_RETRIES):
-            job = Job(payload, self._new_future(), asyncio.Queue(), self._ttl_for(timeout))
-            job.deadline = deadline
-            job.tag = tag
+            job = Job(
+                payload,
+                self._new_future(),
+                asyncio.Queue(),
+                self._ttl_for(timeout),
+                deadline=deadline,
+                tag=tag,
+            )
             self._submit(job)
             yielded = False
             try:
@@ -572,8 +553,8 @@ class Pool:
             job.chunks.put_nowait(error)
 
     def _overdue(self, job: Job) -> bool:
-        """A queued stream's deadline: past it, the stream fails and never starts;
-        before it, the stream gets at most the time left as its exec TTL."""
+        """A queued job's deadline: past it, the job fails and never starts;
+        before it, the job gets at most the time left as its exec TTL."""
         left = job.deadline - time.monotonic()
         if left <= 0:
             self._fail(job, _never_ran())
@@ -658,10 +639,8 @@ class Pool:
         room = self._depth - n
         while queue and room:
             job = queue.popleft()
-            if job.future.done():
-                continue  # the caller gave up, or a submitted job's deadline passed
-            if job.deadline and self._overdue(job):
-                continue
+            if job.future.done() or (job.deadline and self._overdue(job)):
+                continue  # the caller gave up, or its deadline passed
             try:
                 worker.start(job)
             except ShardpoolError:

@@ -94,9 +94,7 @@ class Job(msgspec.Struct, eq=False):
     parts: list[Payload] | None = None  # exec() of a streamed reply
     ttl: float | None = None  # loop time its exec TTL runs out, once PHP has it
     queued_at: float = 0.0  # loop time the pool queued it, for allocate_timeout
-    # time.monotonic() past which it must not start (0: none); a submitted
-    # job keeps its deadline in its Submission instead
-    deadline: float = 0.0
+    deadline: float = 0.0  # time.monotonic() past which it must not start (0: none)
     worker: Worker | None = None
     stopping: bool = False
     started: bool = False
