@@ -816,6 +816,15 @@ class Pool:
         self, payload: Payload, timeout: float | None, deadline: float = 0.0
     ) -> Payload:
         """Debug mode: a fresh worker for every job, stopped afterwards."""
+        async with self._debug_worker(payload, timeout, deadline) as (worker, ttl):
+            return await worker.exec(payload, ttl)
+
+    @contextlib.asynccontextmanager
+    async def _debug_worker(
+        self, payload: Payload, timeout: float | None, deadline: float
+    ) -> AsyncGenerator[tuple[Worker, float | None], None]:
+        """A fresh worker for one job, in its turn, with the job's exec TTL;
+        stopped afterwards."""
         if self._closing or not self._started:
             raise PoolClosedError("the pool is not running")
         check_payload(payload)
@@ -823,7 +832,7 @@ class Pool:
         async with self._debug_slot(deadline) as left:
             worker = await self._debug_spawn()
             try:
-                return await worker.exec(payload, _at_most(ttl, left))
+                yield worker, _at_most(ttl, left)
             finally:
                 await self._debug_done(worker)
 
@@ -838,9 +847,10 @@ class Pool:
             if limit and len(self._debug_waiters) >= limit:
                 raise self._queue_full()
             wait = float(self.config.allocate_timeout)
-            late = bool(deadline) and deadline - time.monotonic() < wait
+            left = deadline - time.monotonic() if deadline else wait
+            late = left < wait
             if late:
-                wait = max(0.0, deadline - time.monotonic())
+                wait = max(0.0, left)
             assert self._loop is not None
             turn = self._loop.create_future()
             self._debug_waiters.append(turn)
@@ -889,19 +899,11 @@ class Pool:
     async def _stream_debug(
         self, payload: Payload, timeout: float | None, deadline: float
     ) -> AsyncGenerator[Payload, None]:
-        if self._closing or not self._started:
-            raise PoolClosedError("the pool is not running")
-        check_payload(payload)
-        ttl = self._ttl_for(timeout)
-        async with self._debug_slot(deadline) as left:
-            worker = await self._debug_spawn()
-            try:
-                chunks = worker.stream(payload, _at_most(ttl, left), self.config.stream_timeout)
-                async with contextlib.aclosing(chunks) as stream:
-                    async for chunk in stream:
-                        yield chunk
-            finally:
-                await self._debug_done(worker)
+        async with self._debug_worker(payload, timeout, deadline) as (worker, ttl):
+            chunks = worker.stream(payload, ttl, self.config.stream_timeout)
+            async with contextlib.aclosing(chunks) as stream:
+                async for chunk in stream:
+                    yield chunk
 
     # -- inspection ------------------------------------------------------------
 
