@@ -51,7 +51,7 @@ from shardpool.protocol import (
 )
 from shardpool.worker.process import exit_fd
 from shardpool.worker.state import WorkerState
-from shardpool.worker.worker import Worker, jittered
+from shardpool.worker.worker import FrameProtocol, Worker, jittered
 
 SOCKET_RELAYS = pytest.mark.parametrize("relay", RELAYS[1:], ids=["tcp", "unix"])
 SPAWN_TIMEOUT = 10.0
@@ -119,6 +119,9 @@ class Tap:
 
         worker.feed = tapped_feed  # type: ignore[method-assign]
         worker._write = tapped_write  # type: ignore[method-assign]
+        # The transport calls the feed it was given when attached: give it the tap.
+        assert worker._reader is not None
+        worker._reader.set_protocol(FrameProtocol(worker))
 
     async def receives(self, predicate: Callable[[Frame], bool], timeout: float = WAIT) -> Frame:
         """The first frame from the worker that matches ``predicate``."""

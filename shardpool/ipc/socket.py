@@ -22,7 +22,7 @@ from shardpool.ipc.base import worker_env
 from shardpool.protocol.decoder import FrameDecoder
 from shardpool.protocol.frame import encode_control
 from shardpool.worker.process import PhpProcess
-from shardpool.worker.worker import Worker, parse_pid_reply
+from shardpool.worker.worker import FrameProtocol, Worker, parse_pid_reply
 
 log = logging.getLogger("shardpool.ipc")
 _socket_ids = count()
@@ -69,6 +69,8 @@ class _Connection(asyncio.Protocol):
             return
         self.worker = pending.worker
         self.worker.attach(self.transport, self.transport)
+        # From here on the transport feeds the worker directly.
+        self.transport.set_protocol(FrameProtocol(self.worker))
         pending.connected.set_result(None)
         self.worker.adopt(self.decoder, frames[1:])
 

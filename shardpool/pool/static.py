@@ -127,7 +127,10 @@ class Submission(msgspec.Struct, eq=False):
 
     def set_result(self, result: Payload, /) -> None:
         self.finished = True
-        self._call(result)
+        try:  # _call, inline: this runs once per job
+            self.callback(result)
+        except Exception:
+            log.exception("a job's callback failed")
 
     def set_exception(self, exception: BaseException, /) -> None:
         self.finished = True
@@ -196,6 +199,7 @@ class Pool:
         self._supervisor = Supervisor(self)
         self.lifecycle = Lifecycle()
         self._allocator = DynamicAllocator(self, config.dynamic_allocator)
+        self._dynamic = config.dynamic_allocator is not None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed: asyncio.Event | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -509,7 +513,8 @@ class Pool:
         self._queue.append(job)
         if self._expiry is None:
             self._arm_expiry()
-        self._allocator.on_queued()
+        if self._dynamic:
+            self._allocator.on_queued()
 
     def _arm_expiry(self) -> None:
         assert self._loop is not None
