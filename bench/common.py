@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import shutil
@@ -19,6 +21,36 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 ECHO = ROOT / "workers" / "echo.php"
 LIMIT_SRC = ROOT.parent / "shared" / "tools" / "limit" / "gbench.c"
+
+
+def echo_worker() -> subprocess.Popen[bytes]:
+    """The echo worker on pipes, past its pid handshake (done with blocking I/O):
+    for the baselines that talk to PHP without shardpool."""
+    from shardpool.protocol import FrameDecoder, encode_control
+
+    proc = subprocess.Popen(
+        ["php", str(ECHO)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    os.write(proc.stdin.fileno(), encode_control(json.dumps({"pid": os.getpid()}).encode()))
+    decoder = FrameDecoder()
+    while not decoder.feed(os.read(proc.stdout.fileno(), 65536)):
+        pass
+    return proc
+
+
+class FloorProtocol(asyncio.Protocol):
+    """Resolves the waiting future once ``expect`` bytes are back; nothing else
+    (the echo worker's reply frame is as long as the job's)."""
+
+    def __init__(self) -> None:
+        self.expect = 0
+        self.waiter: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.expect -= len(data)
+        if self.expect <= 0 and self.waiter is not None:
+            self.waiter.set_result(None)
 
 
 @dataclass

@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
 import sys
 
 import uvloop
-from common import ECHO, machine, table
+from common import ECHO, FloorProtocol, echo_worker, machine, table
 
 from shardpool import Payload, Pool, pool_config
 from shardpool.ipc import PipeFactory
+from shardpool.protocol import encode_job
 
 _REFS = re.compile(r"Collected\s*:\s*(\d+)")
 
@@ -46,6 +48,9 @@ async def _jobs(api: str, jobs: int, workers: int, concurrency: int, depth: str)
         pipeline_depth=depth if depth == "auto" else int(depth),
     )
     payload = Payload(b"x" * 16)
+    if api in ("blocking", "floor"):
+        await _baseline(api, jobs)
+        return
     if api == "worker":  # one worker, one job at a time: Worker.exec alone
         worker = await PipeFactory().spawn(["php", str(ECHO)])
         for _ in range(jobs):
@@ -83,6 +88,36 @@ async def _jobs(api: str, jobs: int, workers: int, concurrency: int, depth: str)
             await finished
 
 
+async def _baseline(api: str, jobs: int) -> None:
+    """The references, one job at a time on the echo worker, with no shardpool
+    code: a blocking write/read driver, or a bare uvloop Protocol that resolves
+    a future per reply (the event loop's own cost)."""
+    proc = echo_worker()
+    assert proc.stdin is not None and proc.stdout is not None
+    job = encode_job(b"x" * 16)
+    if api == "blocking":
+        wfd, rfd = proc.stdin.fileno(), proc.stdout.fileno()
+        for _ in range(jobs):
+            os.write(wfd, job)
+            left = len(job)  # the echo worker's reply is as long as the job
+            while left > 0:
+                left -= len(os.read(rfd, 65536))
+    else:
+        loop = asyncio.get_running_loop()
+        writer, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, proc.stdin)
+        protocol = FloorProtocol()
+        reader, _ = await loop.connect_read_pipe(lambda: protocol, proc.stdout)
+        for _ in range(jobs):
+            protocol.waiter = loop.create_future()
+            protocol.expect = len(job)
+            writer.write(job)
+            await protocol.waiter
+        writer.close()
+        reader.close()
+    proc.stdin.close()
+    proc.wait(5)
+
+
 def _count(api: str, jobs: int, workers: int, concurrency: int, depth: str) -> int:
     """Instructions of one child process running ``jobs`` jobs under callgrind."""
     argv = [
@@ -104,7 +139,9 @@ def main() -> None:
     parser.add_argument(
         "--api",
         default="exec,submit",
-        help="exec (awaiting callers), submit (callbacks), worker (Worker.exec, one at a time)",
+        help="exec (awaiting callers), submit (callbacks), worker (Worker.exec, one at a "
+        "time); references, one at a time with no shardpool code: blocking (os.write and "
+        "os.read), floor (a bare uvloop Protocol)",
     )
     parser.add_argument("--jobs", default="2000,12000", help="the two job counts")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)

@@ -3,6 +3,9 @@
 Baselines measured in the same run, interleaved with ours:
 - a minimal blocking Python ping-pong driver (os.write / os.read on the same
   PHP worker script, no event loop);
+- the event-loop floor: a bare uvloop Protocol on the same pipes that
+  resolves one future per reply, with no shardpool code (what any asyncio
+  driver pays: an epoll wake-up, a callback, a task wake-up per job);
 - the C limit dispatcher (../shared/tools/limit) with one worker.
 
     .venv/bin/python bench/worker_bench.py [--repeat 3] [--duration 2]
@@ -12,24 +15,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import subprocess
 import time
 
 import uvloop
-from common import ECHO, Run, Series, limit_run, machine, run_from_latencies, size_label, table
+from common import (
+    ECHO,
+    FloorProtocol,
+    Run,
+    Series,
+    echo_worker,
+    limit_run,
+    machine,
+    run_from_latencies,
+    size_label,
+    table,
+)
 
 from shardpool.ipc import PipeFactory
 from shardpool.payload import Payload
-from shardpool.protocol import FrameDecoder, encode_control, encode_job
+from shardpool.protocol import FrameDecoder, encode_job
 
 
 def blocking_driver(size: int, duration: float) -> Run:
     """The simplest correct Python driver: write a frame, read until a frame is back."""
-    proc = subprocess.Popen(
-        ["php", str(ECHO)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
-    )
+    proc = echo_worker()
     assert proc.stdin is not None and proc.stdout is not None
     wfd, rfd = proc.stdin.fileno(), proc.stdout.fileno()
     decoder = FrameDecoder()
@@ -40,7 +50,6 @@ def blocking_driver(size: int, duration: float) -> Run:
         while not got:
             got = decoder.feed(os.read(rfd, 65536))
 
-    roundtrip(encode_control(json.dumps({"pid": os.getpid()}).encode()))
     job = encode_job(b"x" * size)
     end = time.perf_counter() + 0.3
     while time.perf_counter() < end:
@@ -64,6 +73,42 @@ def blocking_driver(size: int, duration: float) -> Run:
     elapsed = clock() - start
     proc.stdin.close()
     proc.wait(5)
+    return run_from_latencies(len(latencies), elapsed, latencies)
+
+
+async def event_loop_floor(size: int, duration: float) -> Run:
+    """The asyncio floor: write a frame, await a future the read callback resolves."""
+    proc = echo_worker()
+    assert proc.stdin is not None and proc.stdout is not None
+    loop = asyncio.get_running_loop()
+    writer, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, proc.stdin)
+    protocol = FloorProtocol()
+    reader, _ = await loop.connect_read_pipe(lambda: protocol, proc.stdout)
+    job = encode_job(b"x" * size)
+
+    async def roundtrip() -> None:
+        protocol.waiter = loop.create_future()
+        protocol.expect = len(job)
+        writer.write(job)
+        await protocol.waiter
+
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:
+        await roundtrip()
+    latencies: list[float] = []
+    clock = time.perf_counter
+    start = clock()
+    deadline = start + duration
+    while True:
+        t = clock()
+        if t >= deadline:
+            break
+        await roundtrip()
+        latencies.append(clock() - t)
+    elapsed = clock() - start
+    writer.close()
+    reader.close()
+    await asyncio.to_thread(proc.wait, 5)
     return run_from_latencies(len(latencies), elapsed, latencies)
 
 
@@ -100,11 +145,13 @@ def main() -> None:
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         ours, py, limit = Series("shardpool Worker"), Series("blocking Python"), Series("C limit")
+        floor = Series("event-loop floor")
         for _ in range(args.repeat):
             limit.runs.append(limit_run(1, size, args.duration))
             py.runs.append(blocking_driver(size, args.duration))
+            floor.runs.append(uvloop.run(event_loop_floor(size, args.duration)))
             ours.runs.append(uvloop.run(shardpool_worker(size, args.duration)))
-        for s in (limit, py, ours):
+        for s in (limit, py, floor, ours):
             rows.append(
                 [
                     size_label(size),
@@ -118,7 +165,7 @@ def main() -> None:
             )
         print(
             table(
-                ["body", "driver", "jobs/s", "p50 µs", "p99 µs", "× Python", "× limit"], rows[-3:]
+                ["body", "driver", "jobs/s", "p50 µs", "p99 µs", "× Python", "× limit"], rows[-4:]
             ),
             flush=True,
         )
