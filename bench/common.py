@@ -39,18 +39,43 @@ def echo_worker() -> subprocess.Popen[bytes]:
     return proc
 
 
-class FloorProtocol(asyncio.Protocol):
-    """Resolves the waiting future once ``expect`` bytes are back; nothing else
-    (the echo worker's reply frame is as long as the job's)."""
+class EventLoopFloor(asyncio.Protocol):
+    """The least an asyncio driver of a PHP worker does: write a frame, await a
+    future that the read callback resolves once the reply's bytes are back (the
+    echo worker's reply frame is as long as the job's). No parsing, no state."""
 
     def __init__(self) -> None:
         self.expect = 0
         self.waiter: asyncio.Future[None] | None = None
+        self.writer: asyncio.WriteTransport | None = None
+        self.reader: asyncio.ReadTransport | None = None
+
+    @classmethod
+    async def attach(cls, proc: subprocess.Popen[bytes]) -> EventLoopFloor:
+        """Drive ``proc`` (past its handshake, see :func:`echo_worker`) on this loop."""
+        assert proc.stdin is not None and proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        floor = cls()
+        floor.writer, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, proc.stdin)
+        floor.reader, _ = await loop.connect_read_pipe(lambda: floor, proc.stdout)
+        return floor
 
     def data_received(self, data: bytes) -> None:
         self.expect -= len(data)
         if self.expect <= 0 and self.waiter is not None:
             self.waiter.set_result(None)
+
+    async def roundtrip(self, job: bytes) -> None:
+        assert self.writer is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.expect = len(job)
+        self.writer.write(job)
+        await self.waiter
+
+    def close(self) -> None:
+        assert self.writer is not None and self.reader is not None
+        self.writer.close()
+        self.reader.close()
 
 
 @dataclass

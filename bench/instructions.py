@@ -31,7 +31,7 @@ import subprocess
 import sys
 
 import uvloop
-from common import ECHO, FloorProtocol, echo_worker, machine, table
+from common import ECHO, EventLoopFloor, echo_worker, machine, table
 
 from shardpool import Payload, Pool, pool_config
 from shardpool.ipc import PipeFactory
@@ -103,17 +103,10 @@ async def _baseline(api: str, jobs: int) -> None:
             while left > 0:
                 left -= len(os.read(rfd, 65536))
     else:
-        loop = asyncio.get_running_loop()
-        writer, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, proc.stdin)
-        protocol = FloorProtocol()
-        reader, _ = await loop.connect_read_pipe(lambda: protocol, proc.stdout)
+        floor = await EventLoopFloor.attach(proc)
         for _ in range(jobs):
-            protocol.waiter = loop.create_future()
-            protocol.expect = len(job)
-            writer.write(job)
-            await protocol.waiter
-        writer.close()
-        reader.close()
+            await floor.roundtrip(job)
+        floor.close()
     proc.stdin.close()
     proc.wait(5)
 

@@ -17,11 +17,12 @@ import argparse
 import asyncio
 import os
 import time
+from collections.abc import Iterator
 
 import uvloop
 from common import (
     ECHO,
-    FloorProtocol,
+    EventLoopFloor,
     Run,
     Series,
     echo_worker,
@@ -34,7 +35,7 @@ from common import (
 
 from shardpool.ipc import PipeFactory
 from shardpool.payload import Payload
-from shardpool.protocol import FrameDecoder, encode_job
+from shardpool.protocol import Frame, FrameDecoder, encode_job
 
 
 def blocking_driver(size: int, duration: float) -> Run:
@@ -46,7 +47,7 @@ def blocking_driver(size: int, duration: float) -> Run:
 
     def roundtrip(frame: bytes) -> None:
         os.write(wfd, frame)
-        got: list[object] = []
+        got: list[Frame] = []
         while not got:
             got = decoder.feed(os.read(rfd, 65536))
 
@@ -66,7 +67,7 @@ def blocking_driver(size: int, duration: float) -> Run:
         written = os.write(wfd, job)
         while written < remaining:
             written += os.write(wfd, job[written:])
-        got: list[object] = []
+        got: list[Frame] = []
         while not got:
             got = decoder.feed(os.read(rfd, 65536))
         latencies.append(clock() - t)
@@ -76,61 +77,55 @@ def blocking_driver(size: int, duration: float) -> Run:
     return run_from_latencies(len(latencies), elapsed, latencies)
 
 
+class Timed:
+    """One round trip per iteration, timed: ``for _ in timed: await one()``.
+
+    A warm-up of 0.3 s goes unrecorded, then ``duration`` seconds are measured.
+    """
+
+    def __init__(self, duration: float) -> None:
+        self.duration = duration
+        self.latencies: list[float] = []
+        self.elapsed = 0.0
+
+    def __iter__(self) -> Iterator[None]:
+        clock = time.perf_counter
+        end = clock() + 0.3
+        while clock() < end:
+            yield
+        latencies = self.latencies
+        start = clock()
+        deadline = start + self.duration
+        while (t := clock()) < deadline:
+            yield
+            latencies.append(clock() - t)
+        self.elapsed = clock() - start
+
+    def run(self) -> Run:
+        return run_from_latencies(len(self.latencies), self.elapsed, self.latencies)
+
+
 async def event_loop_floor(size: int, duration: float) -> Run:
     """The asyncio floor: write a frame, await a future the read callback resolves."""
     proc = echo_worker()
-    assert proc.stdin is not None and proc.stdout is not None
-    loop = asyncio.get_running_loop()
-    writer, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, proc.stdin)
-    protocol = FloorProtocol()
-    reader, _ = await loop.connect_read_pipe(lambda: protocol, proc.stdout)
+    floor = await EventLoopFloor.attach(proc)
     job = encode_job(b"x" * size)
-
-    async def roundtrip() -> None:
-        protocol.waiter = loop.create_future()
-        protocol.expect = len(job)
-        writer.write(job)
-        await protocol.waiter
-
-    end = time.perf_counter() + 0.3
-    while time.perf_counter() < end:
-        await roundtrip()
-    latencies: list[float] = []
-    clock = time.perf_counter
-    start = clock()
-    deadline = start + duration
-    while True:
-        t = clock()
-        if t >= deadline:
-            break
-        await roundtrip()
-        latencies.append(clock() - t)
-    elapsed = clock() - start
-    writer.close()
-    reader.close()
+    timed = Timed(duration)
+    for _ in timed:
+        await floor.roundtrip(job)
+    floor.close()
     await asyncio.to_thread(proc.wait, 5)
-    return run_from_latencies(len(latencies), elapsed, latencies)
+    return timed.run()
 
 
 async def shardpool_worker(size: int, duration: float) -> Run:
     worker = await PipeFactory().spawn(["php", str(ECHO)])
     payload = Payload(b"x" * size)
-    end = time.perf_counter() + 0.3
-    while time.perf_counter() < end:
+    timed = Timed(duration)
+    for _ in timed:
         await worker.exec(payload)
-    latencies: list[float] = []
-    clock = time.perf_counter
-    start = clock()
-    deadline = start + duration
-    while True:
-        t = clock()
-        if t >= deadline:
-            break
-        await worker.exec(payload)
-        latencies.append(clock() - t)
-    elapsed = clock() - start
     await worker.stop(5)
-    return run_from_latencies(len(latencies), elapsed, latencies)
+    return timed.run()
 
 
 def main() -> None:
