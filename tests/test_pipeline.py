@@ -88,7 +88,8 @@ async def answers(tasks: list[asyncio.Task[Any]]) -> list[Any]:
 
 def occupancy(worker: Worker, of: Worker | None = None) -> list[int]:
     """Record ``of``'s in_flight (default: ``worker``'s) each time ``worker``
-    completes a job, after the pool has written the next jobs into its pipe."""
+    reports completed jobs (once per read of its replies), after the pool has
+    written the next jobs into its pipe."""
     seen: list[int] = []
     pool_hook = worker.on_free
     assert pool_hook is not None
@@ -504,7 +505,8 @@ async def test_auto_writes_nothing_behind_a_job_running_far_longer_than_usual() 
         assert fast_worker.in_flight + pool.queue_size == 50
         assert await answers(fast) == [str(i).encode() for i in range(50)]
         assert not slow.done()
-        assert seen == [1] * 50
+        # Each time the fast worker freed room, the slow one still held its job alone.
+        assert seen and set(seen) == {1}, seen
         assert (await slow).body == b"slept"
 
 

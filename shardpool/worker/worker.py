@@ -188,8 +188,9 @@ class Worker:
         #: Frames of jobs pipelined behind a busy one, written together at the
         #: end of the loop pass: one write() and one PHP wake-up for them all.
         self._wbuf: list[bytes] = []
-        #: Called (synchronously) each time a job completes, so a pool can
-        #: write the next job before any waiting coroutine runs.
+        #: Called (synchronously) once jobs complete (once per read, for all
+        #: the replies in it), so a pool can write the next jobs before any
+        #: waiting coroutine runs.
         self.on_free: Callable[[Worker], None] | None = None
         #: Set by a pool that is replacing this worker: it gets no new jobs.
         self.retiring = False
@@ -329,6 +330,12 @@ class Worker:
                 reply = Payload(data[body_at:frame_end], data[pos + 16 : body_at], flags)
                 pos = frame_end
                 self._complete(pending[0], reply)
+            on_free = self.on_free
+            if pos and on_free is not None:
+                try:  # _freed, inline: this runs once per read
+                    on_free(self)
+                except Exception:
+                    self._free_failed()
         if pos < end:
             self._feed(data[pos:] if pos else data)
 
@@ -545,6 +552,7 @@ class Worker:
             self._chunk(job, reply)
             return
         self._complete(job, reply)
+        self._freed()
 
     def _complete(self, job: Job, reply: Payload | ShardpoolError) -> None:
         """The job at the head of the pipe got its final reply."""
@@ -598,12 +606,21 @@ class Worker:
                 # frame came in the same read: that backlog is this job's alone,
                 # and the next job's reply must be read.
                 self._resume_reading()
+
+    def _freed(self) -> None:
+        """Jobs completed: the pool may write the next ones at once. Called once
+        per read for all the replies in it, so a pipelined worker's freed room
+        is refilled in one go."""
         on_free = self.on_free
         if on_free is not None:
             try:
                 on_free(self)
-            except Exception:  # never let a pool bug tear down the worker's channel
-                log.exception("worker pid %d: on_free callback failed", self.pid)
+            except Exception:
+                self._free_failed()
+
+    def _free_failed(self) -> None:
+        # Never let a pool bug tear down the worker's channel.
+        log.exception("worker pid %d: on_free callback failed", self.pid)
 
     def _reply(self, frame: Frame) -> Payload | ShardpoolError | None:
         data = frame.payload
