@@ -336,6 +336,10 @@ class Worker:
                     on_free(self)
                 except Exception:
                     self._free_failed()
+                if self._wbuf:
+                    # The jobs just written behind a busy one go out now, not
+                    # after the callers these replies woke have run.
+                    self._flush_writes()
         if pos < end:
             self._feed(data[pos:] if pos else data)
 
