@@ -106,6 +106,19 @@ class Series:
     def p99_us(self) -> float:
         return statistics.median(r.p99_us for r in self.runs) if self.runs else 0.0
 
+    def ratios(self, base: Series) -> list[float]:
+        """jobs/s of each run over ``base``'s run of the same round (the two are
+        interleaved): slow drifts of the machine's speed cancel out."""
+        return [r.jobs_s / b.jobs_s for r, b in zip(self.runs, base.runs, strict=True)]
+
+    def ratio(self, base: Series) -> float:
+        """The median of :meth:`ratios`."""
+        return statistics.median(self.ratios(base))
+
+    def ratio_range(self, base: Series) -> str:
+        found = self.ratios(base)
+        return f"{min(found):.2f}-{max(found):.2f}"
+
 
 def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:

@@ -72,7 +72,9 @@ def main() -> None:
     args = parser.parse_args()
     depths = args.depth.split(",")
     print(machine(), flush=True)
-    headers = ["W", "in flight", "body", "dispatch", "jobs/s", "p50 µs", "p99 µs", "× limit"]
+    headers = [
+        "W", "in flight", "body", "dispatch", "jobs/s", "p50 µs", "p99 µs", "× limit", "range",
+    ]  # fmt: skip
     rows: list[list[str]] = []
     for workers in args.workers:
         for size in args.sizes:
@@ -94,6 +96,7 @@ def main() -> None:
                     f"{limit.p50_us:.0f}",
                     f"{limit.p99_us:.0f}",
                     "1.00",
+                    "",
                 ]
             ]
             for (c, _), series in pools.items():
@@ -106,14 +109,16 @@ def main() -> None:
                         f"{series.jobs_s:,.0f}",
                         f"{series.p50_us:.0f}",
                         f"{series.p99_us:.0f}",
-                        f"{series.jobs_s / limit.jobs_s:.2f}",
+                        f"{series.ratio(limit):.2f}",
+                        series.ratio_range(limit),
                     ]
                 )
             print(table(headers, block), flush=True)
             rows.extend(block)
     print()
     print(
-        f"medians of {args.repeat} interleaved runs of {args.duration:g}s each"
+        f"medians of {args.repeat} interleaved runs of {args.duration:g}s each; × limit is the "
+        "median of each round's ratio to the limit run just before it, range their spread"
         + (", mixed workload" if args.mixed else "")
     )
     print(table(headers, rows))

@@ -128,6 +128,9 @@ async def shardpool_worker(size: int, duration: float) -> Run:
     return timed.run()
 
 
+HEADERS = ["body", "driver", "jobs/s", "p50 µs", "p99 µs", "× Python", "range", "× limit"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -154,19 +157,18 @@ def main() -> None:
                     f"{s.jobs_s:,.0f}",
                     f"{s.p50_us:.0f}",
                     f"{s.p99_us:.0f}",
-                    f"{s.jobs_s / py.jobs_s:.2f}",
-                    f"{s.jobs_s / limit.jobs_s:.2f}",
+                    f"{s.ratio(py):.2f}",
+                    s.ratio_range(py),
+                    f"{s.ratio(limit):.2f}",
                 ]
             )
-        print(
-            table(
-                ["body", "driver", "jobs/s", "p50 µs", "p99 µs", "× Python", "× limit"], rows[-4:]
-            ),
-            flush=True,
-        )
+        print(table(HEADERS, rows[-4:]), flush=True)
     print()
-    print(f"medians of {args.repeat} interleaved runs of {args.duration:g}s each")
-    print(table(["body", "driver", "jobs/s", "p50 µs", "p99 µs", "× Python", "× limit"], rows))
+    print(
+        f"medians of {args.repeat} interleaved runs of {args.duration:g}s each; a ratio is the "
+        "median of each round's ratio to that round's baseline run, range their spread"
+    )
+    print(table(HEADERS, rows))
 
 
 if __name__ == "__main__":
