@@ -139,9 +139,6 @@ class FrameProtocol(asyncio.Protocol):
         # per read (uvloop looks data_received up once, when it is attached).
         self.data_received = worker.feed  # type: ignore[method-assign]
 
-    def data_received(self, data: bytes) -> None:
-        self.worker.feed(data)
-
     def eof_received(self) -> bool | None:
         return None
 
@@ -330,16 +327,8 @@ class Worker:
                 reply = Payload(data[body_at:frame_end], data[pos + 16 : body_at], flags)
                 pos = frame_end
                 self._complete(pending[0], reply)
-            on_free = self.on_free
-            if pos and on_free is not None:
-                try:  # _freed, inline: this runs once per read
-                    on_free(self)
-                except Exception:
-                    self._free_failed()
-                if self._wbuf:
-                    # The jobs just written behind a busy one go out now, not
-                    # after the callers these replies woke have run.
-                    self._flush_writes()
+            if pos:
+                self._freed()
         if pos < end:
             self._feed(data[pos:] if pos else data)
 
@@ -613,18 +602,19 @@ class Worker:
 
     def _freed(self) -> None:
         """Jobs completed: the pool may write the next ones at once. Called once
-        per read for all the replies in it, so a pipelined worker's freed room
-        is refilled in one go."""
+        per read for all the plain replies in it, so a pipelined worker's freed
+        room is refilled in one go."""
         on_free = self.on_free
-        if on_free is not None:
-            try:
-                on_free(self)
-            except Exception:
-                self._free_failed()
-
-    def _free_failed(self) -> None:
-        # Never let a pool bug tear down the worker's channel.
-        log.exception("worker pid %d: on_free callback failed", self.pid)
+        if on_free is None:
+            return
+        try:
+            on_free(self)
+        except Exception:  # never let a pool bug tear down the worker's channel
+            log.exception("worker pid %d: on_free callback failed", self.pid)
+        if self._wbuf:
+            # The jobs just written behind a busy one go out now, not after the
+            # callers these replies woke have run.
+            self._flush_writes()
 
     def _reply(self, frame: Frame) -> Payload | ShardpoolError | None:
         data = frame.payload
