@@ -125,13 +125,6 @@ class Submission(msgspec.Struct, eq=False):
         # streams never come through submit(): an outcome goes to the callback.
         return None
 
-    def set_result(self, result: Payload, /) -> None:
-        self.finished = True
-        try:  # _call, inline: this runs once per job
-            self.callback(result)
-        except Exception:
-            log.exception("a job's callback failed")
-
     def set_exception(self, exception: BaseException, /) -> None:
         self.finished = True
         error = exception
@@ -146,13 +139,19 @@ class Submission(msgspec.Struct, eq=False):
             return
         self._call(error)
 
-    def _call(self, outcome: Payload | ShardpoolError) -> None:
-        # It runs inside a worker's I/O callback: a failing callback must not
-        # leave the worker's bookkeeping half done.
+    def _call(self, outcome: Payload | ShardpoolError, /) -> None:
+        """Hand the outcome to the callback. It runs inside a worker's I/O
+        callback: a failing callback must not leave the worker's bookkeeping
+        half done."""
+        self.finished = True
         try:
             self.callback(outcome)
         except Exception:
             log.exception("a job's callback failed")
+
+    # A result goes straight to the callback, with no call in between (this
+    # runs once per job).
+    set_result = _call
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):
@@ -830,8 +829,7 @@ class Pool:
     ) -> AsyncGenerator[tuple[Worker, float | None], None]:
         """A fresh worker for one job, in its turn, with the job's exec TTL;
         stopped afterwards."""
-        if self._closing or not self._started:
-            raise PoolClosedError("the pool is not running")
+        self._check_open()
         check_payload(payload)
         ttl = self._ttl_for(timeout)
         async with self._debug_slot(deadline) as left:
