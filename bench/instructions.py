@@ -34,6 +34,8 @@ import uvloop
 from common import ECHO, EventLoopFloor, echo_worker, machine, table
 
 from shardpool import Payload, Pool, pool_config
+from shardpool.argtypes import positive_int
+from shardpool.benchmark.command import depths
 from shardpool.ipc import PipeFactory
 from shardpool.protocol import encode_job
 
@@ -124,19 +126,49 @@ def _count(api: str, jobs: int, workers: int, concurrency: int, depth: str) -> i
     return int(found.group(1))
 
 
+APIS = ("exec", "submit", "worker", "blocking", "floor")
+
+
+def apis(text: str) -> list[str]:
+    """``exec,submit`` -> the paths to count, each one of :data:`APIS`."""
+    found = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [part for part in found if part not in APIS]
+    if unknown or not found:
+        raise argparse.ArgumentTypeError(
+            f"expected some of {', '.join(APIS)}, comma-separated; got {text!r}"
+        )
+    return found
+
+
+def job_counts(text: str) -> tuple[int, int]:
+    """``2000,12000`` -> the two job counts, the first the smaller."""
+    try:
+        few, many = (int(part) for part in text.split(","))
+    except ValueError:
+        few = many = 0
+    if not 0 < few < many:
+        raise argparse.ArgumentTypeError(
+            f"expected two job counts, the smaller first, e.g. 2000,12000; got {text!r}"
+        )
+    return few, many
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--depth", default="1,4", help="pipeline depths, comma-separated")
+    parser.add_argument("--workers", type=positive_int, default=2)
+    parser.add_argument("--concurrency", type=positive_int, default=16)
+    parser.add_argument(
+        "--depth", type=depths, default=["1", "4"], help="pipeline depths, comma-separated"
+    )
     parser.add_argument(
         "--api",
-        default="exec,submit",
+        type=apis,
+        default=["exec", "submit"],
         help="exec (awaiting callers), submit (callbacks), worker (Worker.exec, one at a "
         "time); references, one at a time with no shardpool code: blocking (os.write and "
         "os.read), floor (a bare uvloop Protocol)",
     )
-    parser.add_argument("--jobs", default="2000,12000", help="the two job counts")
+    parser.add_argument("--jobs", type=job_counts, default=(2000, 12000), help="the two job counts")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -145,10 +177,10 @@ def main() -> None:
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed: apt-get install valgrind")
-    few, many = (int(n) for n in args.jobs.split(","))
+    few, many = args.jobs
     rows = []
-    for depth in args.depth.split(","):
-        for api in args.api.split(","):
+    for depth in args.depth:
+        for api in args.api:
             low = _count(api, few, args.workers, args.concurrency, depth)
             high = _count(api, many, args.workers, args.concurrency, depth)
             per_job = (high - low) / (many - few)

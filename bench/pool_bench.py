@@ -29,6 +29,8 @@ from common import (
 )
 
 from shardpool import Payload, Pool, pool_config
+from shardpool.argtypes import positive_int
+from shardpool.benchmark.command import counts, depths, seconds, sizes
 
 COMMANDS = ROOT / "workers" / "commands.php"
 
@@ -52,25 +54,23 @@ async def measure_pool(
         )
 
 
-def ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",")]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workers", type=ints, default=[1, 2, 4])
-    parser.add_argument("--concurrency", type=ints, default=[1, 16, 64])
-    parser.add_argument("--sizes", type=ints, default=[16, 1024, 65536])
-    parser.add_argument("--depth", default="1", help="pipeline depths, e.g. 1,2,4,auto")
+    parser.add_argument("--workers", type=counts, default=[1, 2, 4])
+    parser.add_argument("--concurrency", type=counts, default=[1, 16, 64])
+    parser.add_argument("--sizes", type=sizes, default=[16, 1024, 65536])
+    parser.add_argument(
+        "--depth", type=depths, default=["1"], help="pipeline depths, e.g. 1,2,4,auto"
+    )
     parser.add_argument(
         "--mixed", action="store_true", help="1%% of jobs sleep 50 ms (commands.php)"
     )
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=2.0)
+    parser.add_argument("--repeat", type=positive_int, default=3)
+    parser.add_argument("--duration", type=seconds, default=2.0)
     args = parser.parse_args()
-    depths = args.depth.split(",")
+    levels: list[str] = args.depth  # pipeline depths
     print(machine(), flush=True)
     headers = [
         "W", "in flight", "body", "dispatch", "jobs/s", "p50 µs", "p99 µs", "× limit", "range",
@@ -79,7 +79,7 @@ def main() -> None:
     for workers in args.workers:
         for size in args.sizes:
             limit = Series("C limit (1 job/worker)")
-            pools = {(c, d): Series(f"pool depth {d}") for c in args.concurrency for d in depths}
+            pools = {(c, d): Series(f"pool depth {d}") for c in args.concurrency for d in levels}
             for _ in range(args.repeat):
                 limit.runs.append(limit_run(workers, size, args.duration))
                 for (c, d), series in pools.items():

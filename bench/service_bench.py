@@ -30,6 +30,8 @@ from common import (
 )
 from pool_bench import measure_pool
 
+from shardpool.argtypes import positive_int
+from shardpool.benchmark.command import counts, seconds, sizes
 from shardpool.client import AsyncClient, Client
 
 
@@ -71,20 +73,16 @@ def measure_map(address: str, size: int, duration: float, window: int) -> Run:
     return Run(done / elapsed, 0.0, 0.0)
 
 
-def ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",")]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workers", type=int, default=2, help="total PHP workers")
-    parser.add_argument("--shards", type=ints, default=[1, 2])
-    parser.add_argument("--concurrency", type=ints, default=[16, 256])
-    parser.add_argument("--sizes", type=ints, default=[16, 1024])
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=2.0)
+    parser.add_argument("--workers", type=positive_int, default=2, help="total PHP workers")
+    parser.add_argument("--shards", type=counts, default=[1, 2])
+    parser.add_argument("--concurrency", type=counts, default=[16, 256])
+    parser.add_argument("--sizes", type=sizes, default=[16, 1024])
+    parser.add_argument("--repeat", type=positive_int, default=3)
+    parser.add_argument("--duration", type=seconds, default=2.0)
     args = parser.parse_args()
     print(machine(), flush=True)
     headers = ["body", "path", "in flight", "jobs/s", "p50 µs", "p99 µs", "× limit", "× Pool"]

@@ -33,6 +33,8 @@ from common import (
     table,
 )
 
+from shardpool.argtypes import positive_int
+from shardpool.benchmark.command import seconds, sizes
 from shardpool.ipc import PipeFactory
 from shardpool.payload import Payload
 from shardpool.protocol import Frame, FrameDecoder, encode_job
@@ -135,13 +137,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=2.0)
-    parser.add_argument("--sizes", default="16,1024,65536")
+    parser.add_argument("--repeat", type=positive_int, default=3)
+    parser.add_argument("--duration", type=seconds, default=2.0)
+    parser.add_argument("--sizes", type=sizes, default=[16, 1024, 65536])
     args = parser.parse_args()
     print(machine())
     rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in args.sizes:
         ours, py, limit = Series("shardpool Worker"), Series("blocking Python"), Series("C limit")
         floor = Series("event-loop floor")
         for _ in range(args.repeat):
