@@ -269,6 +269,37 @@ def test_slow_job_on_one_shard_does_not_hold_back_jobs_another_shard_can_run(
 
 
 @pytest.mark.parametrize(
+    "service",
+    [("--shards", "2", "--workers", "1", "--worker", COMMANDS, "-o", "pool.debug=true")],
+    indirect=True,
+)
+def test_in_debug_mode_a_slow_job_holds_back_no_job_another_shard_can_run(
+    service: Service,
+) -> None:
+    # A debug pool starts a fresh worker per job and cannot hand a waiting job
+    # back: its shard must hold none, or jobs would wait out the slow one.
+    async def scenario() -> bool:
+        async with AsyncClient(service.address, timeout=20) as client:
+            slow = asyncio.ensure_future(client.exec(b"sleep:4000"))
+            deadline = time.monotonic() + 10
+            while sum(s["in_flight"] for s in (await client.stats())["shards"].values()) < 1:
+                assert time.monotonic() < deadline, "the slow job never reached a shard"
+                await asyncio.sleep(0.02)
+            fast = [await client.exec(f"echo:{i}".encode()) for i in range(3)]
+            fast += await asyncio.gather(*(client.exec(f"echo:{i}".encode()) for i in range(3, 8)))
+            assert [r.body for r in fast] == [str(i).encode() for i in range(8)]
+            still_running = not slow.done()
+            assert (await slow).body == b"slept"
+            return still_running
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)), "fast jobs waited for the slow one"
+    with Client(service.address, timeout=10) as client:
+        stats = client.stats()
+    assert stats["jobs_returned"] == 0  # none was held, so none had to come back
+    assert stats["jobs_done"] == 9
+
+
+@pytest.mark.parametrize(
     "service", [("--shards", "2", "--workers", "2", "--worker", COMMANDS)], indirect=True
 )
 def test_shard_killed_under_load_loses_only_its_jobs_and_comes_back(service: Service) -> None:

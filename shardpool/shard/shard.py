@@ -1,9 +1,9 @@
 """The shard process: one static pool and one ZeroMQ connection to the broker.
 
 It announces its capacity: what its pool can start at once (workers x
-pipeline depth) plus a few jobs per worker it may hold (prefetch), so that
-a worker never waits for a round trip to the broker; the broker never sends
-it more. Held jobs are never started past their deadline, and when no job
+pipeline depth) plus a few jobs per worker it may hold (prefetch, none in
+debug mode), so that a worker never waits for a round trip to the broker;
+the broker never sends it more. Held jobs are never started past their deadline, and when no job
 has finished for a while (every worker stuck on a slow job), the shard hands
 its held jobs back to the broker, which routes them to another shard.
 Replies produced in one pass of the event loop go back in one message.
@@ -181,7 +181,15 @@ class Shard:
 
     @property
     def capacity(self) -> int:
-        """Jobs the broker may have in flight here: what the pool can start, plus prefetch."""
+        """Jobs the broker may have in flight here: what the pool can start, plus prefetch.
+
+        In debug mode, none held: each job waits for a fresh worker, which costs
+        far more than a round trip to the broker, and a debug pool cannot hand a
+        waiting job back, so a held job would wait out a slow one here while
+        another shard could run it.
+        """
+        if self.config.debug:
+            return self.pool.capacity
         return self.pool.capacity + self.prefetch * self.config.num_workers
 
     # -- I/O -------------------------------------------------------------------
