@@ -18,6 +18,7 @@ import pytest
 import zmq
 from conftest import ROOT, WORKERS, Service, free_port, shard_processes
 
+from shardpool import wire
 from shardpool.client import AsyncClient, Client
 from shardpool.errors import (
     JobTimeoutError,
@@ -385,6 +386,34 @@ def test_shard_stopped_under_load_hands_its_held_jobs_to_another(tmp_path: Path)
             remote.kill()
             remote.wait()
         assert svc.stop() == 0
+
+
+def test_a_shard_that_says_hello_hears_back_at_once(tmp_path: Path) -> None:
+    # A reconnecting shard that hears nothing soon after its hello reconnects
+    # again, and its second hello fails the jobs sent to it in between: the
+    # broker must answer a hello at once, not at its next heartbeat.
+    port = free_port()
+    service = Service(
+        tmp_path, "--shards", "0", "--backend", f"tcp://127.0.0.1:{port}", "--heartbeat", "20",
+        ready=False,
+    )  # fmt: skip
+    with Client(service.address, timeout=10) as client:
+        assert client.stats()["shards"] == {}  # up, and past its first heartbeat round
+    ctx = zmq.Context()
+    shard = ctx.socket(zmq.DEALER)
+    try:
+        shard.setsockopt(zmq.IDENTITY, b"by-hand")
+        shard.setsockopt(zmq.LINGER, 0)
+        shard.connect(f"tcp://127.0.0.1:{port}")
+        shard.send(wire.encode(wire.Hello(name="by-hand", pid=1, host="test", capacity=1)))
+        assert shard.poll(5000), f"no answer to the hello within 5 s:\n{service.output()}"
+        assert isinstance(wire.broker_decoder.decode(shard.recv()), wire.Heartbeat)
+        with Client(service.address, timeout=5) as client:
+            assert set(client.stats()["shards"]) == {"by-hand"}
+    finally:
+        shard.close()
+        ctx.term()
+        service.stop()
 
 
 def test_remote_shard_started_by_hand_joins_over_tcp(tmp_path: Path) -> None:

@@ -476,6 +476,10 @@ class Broker:
             self._lose(old, "it reconnected, so its earlier jobs' fate is unknown")
         shard = ShardState(ident, hello, now)
         self.shards[ident] = shard
+        # Answer at once: a shard that has not heard from us for a while (its link
+        # was down) reconnects, with another hello, unless we speak before its
+        # next check; a second hello would fail every job we had sent it since.
+        self._send_shard(shard, wire.Heartbeat())
         local = self.local.get(shard.name)
         if local is not None:
             local.said_hello = True
