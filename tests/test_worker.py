@@ -35,6 +35,7 @@ from shardpool.errors import (
     WorkerStoppedError,
 )
 from shardpool.ipc import Factory, factory_for
+from shardpool.ipc import socket as socket_relay
 from shardpool.payload import Payload
 from shardpool.protocol import (
     CODEC_RAW,
@@ -49,7 +50,7 @@ from shardpool.protocol import (
     encode_frame,
     encode_job,
 )
-from shardpool.worker.process import exit_fd
+from shardpool.worker.process import PhpProcess, exit_fd
 from shardpool.worker.state import WorkerState
 from shardpool.worker.worker import FrameProtocol, Worker, jittered
 
@@ -652,6 +653,34 @@ async def test_connection_from_an_unspawned_process_is_dropped(relay: str) -> No
             writer.close()
         reply = await worker.exec(Payload(b"undisturbed"))
         assert reply.body == b"undisturbed"
+        assert worker.state is WorkerState.READY
+
+
+@SOCKET_RELAYS
+@async_test(timeout=10)
+async def test_a_worker_that_answers_before_its_spawn_knows_its_pid_is_paired(
+    relay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a loaded machine the worker can dial in and answer the handshake
+    # before the spawn has got its pid back: force that order.
+    answered = asyncio.Event()
+    parse_pid = socket_relay.parse_pid_reply
+
+    def parse_and_tell(frame: Frame) -> int:
+        answered.set()
+        return parse_pid(frame)
+
+    spawn = PhpProcess.spawn
+
+    async def spawn_late(*args: Any, **kwargs: Any) -> PhpProcess:
+        process = await spawn(*args, **kwargs)
+        await asyncio.wait_for(answered.wait(), WAIT)  # its handshake reply was read first
+        return process
+
+    monkeypatch.setattr(socket_relay, "parse_pid_reply", parse_and_tell)
+    monkeypatch.setattr(PhpProcess, "spawn", spawn_late)
+    async with relay_factory(relay) as factory, spawned(factory, "echo.php") as worker:
+        assert (await worker.exec(Payload(b"paired"))).body == b"paired"
         assert worker.state is WorkerState.READY
 
 

@@ -20,7 +20,7 @@ from typing import cast
 from shardpool.errors import AllocateError, ConfigError, ShardpoolError
 from shardpool.ipc.base import worker_env
 from shardpool.protocol.decoder import FrameDecoder
-from shardpool.protocol.frame import encode_control
+from shardpool.protocol.frame import Frame, encode_control
 from shardpool.worker.process import PhpProcess
 from shardpool.worker.worker import FrameProtocol, Worker, parse_pid_reply
 
@@ -42,6 +42,8 @@ class _Connection(asyncio.Protocol):
         self.decoder = FrameDecoder(max_payload=4096)
         self.transport: asyncio.Transport | None = None
         self.worker: Worker | None = None
+        self.pid = 0  # the pid it gave, while it waits for that spawn to be registered
+        self.frames: list[Frame] = []  # what it sent after its handshake reply, meanwhile
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -53,30 +55,47 @@ class _Connection(asyncio.Protocol):
             return
         try:
             frames = self.decoder.feed(data)
+            if self.pid:  # waiting to be paired
+                self.frames += frames
+                return
             if not frames:
                 return
             pid = parse_pid_reply(frames[0])
         except ShardpoolError as exc:
-            log.warning("dropped a %s connection with a bad handshake: %s", self.factory.relay, exc)
-            assert self.transport is not None
-            self.transport.close()
+            self.drop(f"dropped a {self.factory.relay} connection with a bad handshake: {exc}")
             return
+        self.frames = frames[1:]
         pending = self.factory.pending.pop(pid, None)
+        if pending is not None:
+            self.pair(pending)
+        elif self.factory.spawning:
+            # A worker can dial in and answer before its spawn has even learnt
+            # its pid (the process ran ahead of us): it waits for the spawn.
+            self.pid = pid
+            self.factory.early[pid] = self
+        else:
+            self.drop(f"dropped a connection from pid {pid}, which this pool did not spawn")
+
+    def pair(self, pending: _Pending) -> None:
         assert self.transport is not None
-        if pending is None:
-            log.warning("dropped a connection from pid %d, which this pool did not spawn", pid)
-            self.transport.close()
-            return
         self.worker = pending.worker
         self.worker.attach(self.transport, self.transport)
         # From here on the transport feeds the worker directly.
         self.transport.set_protocol(FrameProtocol(self.worker))
         pending.connected.set_result(None)
-        self.worker.adopt(self.decoder, frames[1:])
+        self.worker.adopt(self.decoder, self.frames)
+        self.frames = []
+
+    def drop(self, why: str) -> None:
+        log.warning("%s", why)
+        assert self.transport is not None
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.worker is not None:
             self.worker.channel_lost(exc)
+        elif self.pid and self.factory.early.get(self.pid) is self:
+            del self.factory.early[self.pid]
 
 
 class SocketFactory:
@@ -87,6 +106,9 @@ class SocketFactory:
         self.address = address
         self.relay = address
         self.pending: dict[int, _Pending] = {}
+        # Connections that answered with the pid of a spawn still under way.
+        self.early: dict[int, _Connection] = {}
+        self.spawning = 0
         self._server: asyncio.AbstractServer | None = None
         self._unix_path: str | None = None
         self._lock = asyncio.Lock()
@@ -136,11 +158,20 @@ class SocketFactory:
         async with self._lock:
             if self._server is None:
                 await self._listen()
-        process = await PhpProcess.spawn(command, worker_env(self.relay, env), pipes=False)
-        loop = asyncio.get_running_loop()
-        worker = Worker(process, self.relay, max_jobs)
-        pending = _Pending(worker, loop)
-        self.pending[process.pid] = pending
+        self.spawning += 1
+        try:
+            process = await PhpProcess.spawn(command, worker_env(self.relay, env), pipes=False)
+            worker = Worker(process, self.relay, max_jobs)
+            pending = _Pending(worker, asyncio.get_running_loop())
+            early = self.early.pop(process.pid, None)
+            if early is not None:
+                early.pair(pending)  # it dialled in before we knew its pid
+            else:
+                self.pending[process.pid] = pending
+        finally:
+            self.spawning -= 1
+            if not self.spawning:
+                self._drop_early()
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.wait(
@@ -167,7 +198,14 @@ class SocketFactory:
         worker.paired()
         return worker
 
+    def _drop_early(self) -> None:
+        """No spawn is under way: a connection still waiting is not one of ours."""
+        early, self.early = self.early, {}
+        for pid, connection in early.items():
+            connection.drop(f"dropped a connection from pid {pid}, which this pool did not spawn")
+
     async def close(self) -> None:
+        self._drop_early()
         if self._server is not None:
             self._server.close()
             self._server = None
