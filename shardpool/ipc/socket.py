@@ -74,7 +74,7 @@ class _Connection(asyncio.Protocol):
             self.pid = pid
             self.factory.early[pid] = self
         else:
-            self.drop(f"dropped a connection from pid {pid}, which this pool did not spawn")
+            self.drop_stranger(pid)
 
     def pair(self, pending: _Pending) -> None:
         assert self.transport is not None
@@ -90,6 +90,9 @@ class _Connection(asyncio.Protocol):
         log.warning("%s", why)
         assert self.transport is not None
         self.transport.close()
+
+    def drop_stranger(self, pid: int) -> None:
+        self.drop(f"dropped a connection from pid {pid}, which this pool did not spawn")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.worker is not None:
@@ -202,7 +205,7 @@ class SocketFactory:
         """No spawn is under way: a connection still waiting is not one of ours."""
         early, self.early = self.early, {}
         for pid, connection in early.items():
-            connection.drop(f"dropped a connection from pid {pid}, which this pool did not spawn")
+            connection.drop_stranger(pid)
 
     async def close(self) -> None:
         self._drop_early()

@@ -3,9 +3,10 @@
 It announces its capacity: what its pool can start at once (workers x
 pipeline depth) plus a few jobs per worker it may hold (prefetch, none in
 debug mode), so that a worker never waits for a round trip to the broker;
-the broker never sends it more. Held jobs are never started past their deadline, and when no job
-has finished for a while (every worker stuck on a slow job), the shard hands
-its held jobs back to the broker, which routes them to another shard.
+the broker never sends it more. Held jobs are never started past their
+deadline, and when no job has finished for a while (every worker stuck on a
+slow job), the shard hands its held jobs back to the broker, which routes
+them to another shard.
 Replies produced in one pass of the event loop go back in one message.
 Heartbeats are sent from the event loop itself, so a stalled loop looks dead
 to the broker.
