@@ -39,6 +39,16 @@ def echo_worker() -> subprocess.Popen[bytes]:
     return proc
 
 
+def blocking_roundtrip(wfd: int, rfd: int, job: bytes) -> None:
+    """The least a blocking Python driver of the echo worker does: write the
+    frame, read until as many bytes are back (the echo worker's reply frame is
+    as long as the job's). Blocking pipes: ``os.write`` writes it all."""
+    os.write(wfd, job)
+    left = len(job)
+    while left > 0:
+        left -= len(os.read(rfd, 65536))
+
+
 class EventLoopFloor(asyncio.Protocol):
     """The least an asyncio driver of a PHP worker does: write a frame, await a
     future that the read callback resolves once the reply's bytes are back (the

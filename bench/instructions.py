@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import shutil
 import subprocess
 import sys
 
 import uvloop
-from common import ECHO, EventLoopFloor, echo_worker, machine, table
+from common import ECHO, EventLoopFloor, blocking_roundtrip, echo_worker, machine, table
 
 from shardpool import Payload, Pool, pool_config
 from shardpool.argtypes import positive_int
@@ -100,10 +99,7 @@ async def _baseline(api: str, jobs: int) -> None:
     if api == "blocking":
         wfd, rfd = proc.stdin.fileno(), proc.stdout.fileno()
         for _ in range(jobs):
-            os.write(wfd, job)
-            left = len(job)  # the echo worker's reply is as long as the job
-            while left > 0:
-                left -= len(os.read(rfd, 65536))
+            blocking_roundtrip(wfd, rfd, job)
     else:
         floor = await EventLoopFloor.attach(proc)
         for _ in range(jobs):

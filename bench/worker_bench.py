@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 
@@ -25,6 +24,7 @@ from common import (
     EventLoopFloor,
     Run,
     Series,
+    blocking_roundtrip,
     echo_worker,
     limit_run,
     machine,
@@ -37,46 +37,21 @@ from shardpool.argtypes import positive_int
 from shardpool.benchmark.command import seconds, sizes
 from shardpool.ipc import PipeFactory
 from shardpool.payload import Payload
-from shardpool.protocol import Frame, FrameDecoder, encode_job
+from shardpool.protocol import encode_job
 
 
 def blocking_driver(size: int, duration: float) -> Run:
-    """The simplest correct Python driver: write a frame, read until a frame is back."""
+    """The simplest Python driver: write a frame, read until its reply is back."""
     proc = echo_worker()
     assert proc.stdin is not None and proc.stdout is not None
     wfd, rfd = proc.stdin.fileno(), proc.stdout.fileno()
-    decoder = FrameDecoder()
-
-    def roundtrip(frame: bytes) -> None:
-        os.write(wfd, frame)
-        got: list[Frame] = []
-        while not got:
-            got = decoder.feed(os.read(rfd, 65536))
-
     job = encode_job(b"x" * size)
-    end = time.perf_counter() + 0.3
-    while time.perf_counter() < end:
-        roundtrip(job)
-    latencies: list[float] = []
-    clock = time.perf_counter
-    start = clock()
-    deadline = start + duration
-    while True:
-        t = clock()
-        if t >= deadline:
-            break
-        remaining = len(job)
-        written = os.write(wfd, job)
-        while written < remaining:
-            written += os.write(wfd, job[written:])
-        got: list[Frame] = []
-        while not got:
-            got = decoder.feed(os.read(rfd, 65536))
-        latencies.append(clock() - t)
-    elapsed = clock() - start
+    timed = Timed(duration)
+    for _ in timed:
+        blocking_roundtrip(wfd, rfd, job)
     proc.stdin.close()
     proc.wait(5)
-    return run_from_latencies(len(latencies), elapsed, latencies)
+    return timed.run()
 
 
 class Timed:
