@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from shardpool.config import MAX_PIPELINE_DEPTH
+from shardpool.config import MAX_BUSY_POLL, MAX_PIPELINE_DEPTH, parse_duration
 from shardpool.curve import CurveKeys, client_keys
 from shardpool.errors import ConfigError
 
@@ -25,6 +25,19 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return _int_from(text, 0)
+
+
+def busy_poll(text: str) -> float:
+    """A pool's ``busy_poll``: a duration up to 10ms (``50us``), 0 for none."""
+    try:
+        value = float(parse_duration(text))
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_BUSY_POLL:
+        raise argparse.ArgumentTypeError(
+            f"a busy poll is a duration from 0 (none) to 10ms, e.g. 50us; got {text!r}"
+        )
+    return value
 
 
 def pipeline_depth(text: str) -> int | str:

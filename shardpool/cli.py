@@ -16,6 +16,7 @@ import zmq
 from shardpool import __version__
 from shardpool.argtypes import (
     add_curve_options,
+    busy_poll,
     curve_keys,
     non_negative_int,
     pipeline_depth,
@@ -246,6 +247,12 @@ def _add_pool_flags(parser: argparse.ArgumentParser, workers_help: str) -> None:
         type=pipeline_depth,
         help="jobs per worker pipe: 1 (default), N or auto",
     )
+    parser.add_argument(
+        "--busy-poll",
+        type=busy_poll,
+        metavar="DURATION",
+        help="longest the loop polls for a reply before it blocks (default 50us; 0: never)",
+    )
 
 
 def _pool_flags(args: argparse.Namespace, pool: dict[str, Any]) -> dict[str, Any]:
@@ -259,6 +266,8 @@ def _pool_flags(args: argparse.Namespace, pool: dict[str, Any]) -> dict[str, Any
         pool["command"] = args.command
     if args.pipeline_depth:
         pool["pipeline_depth"] = args.pipeline_depth
+    if args.busy_poll is not None:
+        pool["busy_poll"] = args.busy_poll
     return pool
 
 

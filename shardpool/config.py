@@ -94,6 +94,8 @@ class DynamicAllocatorConfig(_Base):
 
 
 MAX_PIPELINE_DEPTH = 64  # jobs written into one worker's pipe at most
+DEFAULT_BUSY_POLL = 50e-6  # the longest spin after writing a job (see shardpool.worker.busypoll)
+MAX_BUSY_POLL = 0.01
 
 
 class PoolConfig(_Base):
@@ -111,6 +113,7 @@ class PoolConfig(_Base):
     stream_timeout: Duration = Duration(60.0)
     debug: bool = False
     pipeline_depth: Annotated[int, msgspec.Meta(ge=1, le=MAX_PIPELINE_DEPTH)] | Literal["auto"] = 1
+    busy_poll: Duration = Duration(DEFAULT_BUSY_POLL)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     dynamic_allocator: DynamicAllocatorConfig | None = None
 
@@ -127,6 +130,11 @@ class PoolConfig(_Base):
             )
         if self.allocate_timeout <= 0:
             raise ValueError("allocate_timeout must be greater than 0")
+        if self.busy_poll > MAX_BUSY_POLL:
+            raise ValueError(
+                f"busy_poll is the longest spin after writing a job, at most 10ms "
+                f"(e.g. '50us'; 0 turns it off), got {self.busy_poll:g}s"
+            )
 
     @property
     def argv(self) -> list[str]:

@@ -257,6 +257,25 @@ def test_pipeline_depth_out_of_range_is_rejected(depth: int) -> None:
     rejected("pipeline_depth", pipeline_depth=depth)
 
 
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("50us", 50e-6), ("50µs", 50e-6), ("1ms", 1e-3), (0, 0.0), ("10ms", 0.01)],
+)
+def test_busy_poll_takes_a_duration_up_to_10ms_and_0_for_none(
+    value: str | int, seconds: float
+) -> None:
+    assert pool_config(busy_poll=value).busy_poll == pytest.approx(seconds)
+
+
+def test_busy_poll_is_on_by_default() -> None:
+    assert pool_config().busy_poll == pytest.approx(50e-6)
+
+
+@pytest.mark.parametrize("value", ["11ms", "1s", -1, "fast", True])
+def test_a_busy_poll_out_of_range_or_not_a_duration_is_rejected(value: object) -> None:
+    rejected("busy_poll", busy_poll=value)
+
+
 @pytest.mark.parametrize("relay", ["http://127.0.0.1:80", "stdio", ""])
 def test_unknown_relay_is_rejected(relay: str) -> None:
     rejected("relay", relay=relay)

@@ -420,8 +420,9 @@ def test_remote_shard_started_by_hand_joins_over_tcp(tmp_path: Path) -> None:
     backend = f"tcp://127.0.0.1:{free_port()}"
     svc = Service(tmp_path, "--shards", "1", "--workers", "1", "--backend", backend)
     remote = _remote_shard(
-        svc, backend, "--workers", "1", "--pipeline-depth", "2", "--prefetch", "8"
-    )
+        svc, backend, "--workers", "1", "--pipeline-depth", "2", "--prefetch", "8",
+        "--busy-poll", "20us",
+    )  # fmt: skip
     try:
         with Client(svc.address, timeout=10) as client:
             replies = list(client.map([b"x"] * 2000, window=256))
@@ -494,6 +495,8 @@ def test_a_bad_config_flag_is_refused_naming_the_key(option: str, named: str) ->
         (["shard", "--connect", "ipc:///nowhere", "--prefetch", "-1"], "--prefetch"),
         (["serve", "--prefetch", "lots"], "--prefetch"),
         (["serve", "--pipeline-depth", "deep"], "--pipeline-depth"),
+        (["serve", "--busy-poll", "1s"], "--busy-poll"),
+        (["shard", "--connect", "ipc:///nowhere", "--busy-poll", "fast"], "--busy-poll"),
     ],
 )
 def test_a_bad_pool_flag_is_a_usage_error_naming_it(args: list[str], named: str) -> None:
@@ -505,6 +508,8 @@ def test_a_bad_pool_flag_is_a_usage_error_naming_it(args: list[str], named: str)
     assert f"error: argument {named}" in result.stderr and "Traceback" not in result.stderr
     if named == "--pipeline-depth":  # every bad depth is told what a good one is
         assert "from 1 to 64, or auto" in result.stderr
+    if named == "--busy-poll":
+        assert "from 0 (none) to 10ms" in result.stderr
 
 
 def test_exec_command_prints_the_reply(service: Service) -> None:

@@ -38,6 +38,7 @@ from shardpool.payload import Payload
 from shardpool.pool.allocator import DynamicAllocator
 from shardpool.pool.lifecycle import REASON_BY_STATE, Lifecycle
 from shardpool.pool.supervisor import Supervisor, rss_bytes
+from shardpool.worker.busypoll import BusyPoll
 from shardpool.worker.fdlimit import make_room_for
 from shardpool.worker.state import MARKS, WorkerState
 from shardpool.worker.worker import Job, Worker, check_payload, stream_chunks
@@ -181,6 +182,7 @@ class Pool:
         self.config = config
         self._factory = factory_for(config.relay)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._busy_poll: BusyPoll | None = None
         self._workers: list[Worker] = []
         self._idle: list[Worker] = []  # LIFO: extra workers stay idle and get removed
         self._queue: collections.deque[Job] = collections.deque()
@@ -223,6 +225,8 @@ class Pool:
         if self._started:
             raise ShardpoolError("the pool is already started")
         self._loop = asyncio.get_running_loop()
+        if self.config.busy_poll:
+            self._busy_poll = BusyPoll(self._loop, float(self.config.busy_poll))
         self._changed = asyncio.Event()
         self._started = True
         extra = self.config.dynamic_allocator
@@ -675,6 +679,7 @@ class Pool:
             await worker.destroy(self.config.destroy_timeout)
             raise PoolClosedError("the pool was destroyed while a worker was starting")
         worker.on_free = self._on_free
+        worker.busy_poll = self._busy_poll
         worker.on_done(self._on_worker_done)
         self._workers.append(worker)
         self.lifecycle.spawned_worker(worker)
@@ -885,6 +890,7 @@ class Pool:
             worker = await self._factory.spawn(
                 self.config.argv, timeout=self.config.allocate_timeout, env=self.config.env
             )
+            worker.busy_poll = self._busy_poll
             self._debug_workers.add(worker)
             return worker
 

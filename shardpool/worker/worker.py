@@ -48,6 +48,7 @@ from shardpool.protocol.frame import (
     encode_control,
     job_header,
 )
+from shardpool.worker.busypoll import BusyPoll
 from shardpool.worker.process import PhpProcess
 from shardpool.worker.state import MARKS, TERMINAL, TRANSITIONS, WorkerState, check_transition
 
@@ -195,6 +196,8 @@ class Worker:
         #: average of job service times (for auto pipelining).
         self.head_since = 0.0
         self.service_ewma = 0.0
+        #: The loop's busy polling (set by a pool with ``busy_poll``; None: off).
+        self.busy_poll: BusyPoll | None = None
         #: Why this worker ends (the first cause wins): "max_jobs", "exec_ttl",
         #: "stop_request", "crashed", ... (see shardpool.pool.lifecycle).
         self.end_reason: str | None = None
@@ -300,6 +303,9 @@ class Worker:
         # Fast path: plain replies (no control, error or stream flag), whole in
         # this read, nothing buffered: no Frame object, no generic dispatch.
         # A pipelined worker's read often holds several of them.
+        busy_poll = self.busy_poll
+        if busy_poll is not None and busy_poll.asleep:
+            busy_poll.woke()
         pos, end = 0, len(data)
         pending = self._pending
         if self._garbage is None and not self._decoder._buf:
@@ -496,7 +502,9 @@ class Worker:
             transport.write(b"".join((header, context, body)) if context else header + body)
         job.worker = self
         if not self._pending:
-            self.head_since = time.monotonic()
+            self.head_since = now = time.monotonic()
+            if self.busy_poll is not None:
+                self.busy_poll.kick(now)
             if job.ttl_seconds is not None:
                 self._arm_ttl(job)
             if state is _READY:

@@ -1,0 +1,86 @@
+"""Busy polling: the event loop keeps polling for a moment after it writes a
+job, instead of blocking at once.
+
+A process that blocks while its worker runs a job is woken by the reply. On
+machines where that wake-up is cheap, blocking costs nothing. On many
+virtual machines it is not: an idle virtual CPU halts, and waking it takes
+the hypervisor tens of microseconds, longer than a 16 B job itself. There
+the loop does better to poll (the event loop's own wait with a zero timeout)
+for as long as a reply is likely to be on its way.
+
+The spin adapts, as Linux's guest halt-polling does: after a spin that ran
+out and a reply that came soon after it, the next spin is longer (up to the
+configured limit); after a reply that came long after, shorter, down to
+none. Short jobs keep the loop polling; slow jobs (milliseconds) soon stop
+it, so a pool waiting on them costs no CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+#: A spin that grows from nothing starts here (seconds).
+GROW_START = 10e-6
+#: Shorter than this, a shrinking spin stops altogether.
+SHRINK_STOP = 2e-6
+#: A reply this many times the limit after the job was written, or sooner,
+#: says a spin of the limit would (nearly) have caught it: the wait that was
+#: measured includes the wake-up that spinning would have saved.
+GROW_SLACK = 2.0
+
+
+class BusyPoll:
+    """Adaptive busy polling for one event loop, shared by a pool's workers.
+
+    A worker calls :meth:`kick` when it writes a job to an idle pipe, and
+    :meth:`woke` when it reads while :attr:`asleep` is set. Jobs written
+    behind others in a pipe do not kick: their worker stays busy without
+    the loop's help, and the loop's own wait gathers several replies per read.
+    """
+
+    __slots__ = ("asleep", "kicked_at", "limit", "loop", "spinning", "spins", "window")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: float) -> None:
+        self.loop = loop
+        #: The longest spin (seconds): the pool's ``busy_poll``.
+        self.limit = limit
+        #: The spin now (seconds), between 0 and ``limit``.
+        self.window = limit
+        self.kicked_at = 0.0
+        self.spinning = False
+        #: Set when the loop may be blocked waiting for a reply (the last spin
+        #: ran out, or none ran): the next read tells how long the wait was.
+        self.asleep = False
+        #: Spins started (for tests and stats).
+        self.spins = 0
+
+    def kick(self, now: float) -> None:
+        """A job went to an idle worker at ``now`` (time.monotonic())."""
+        self.kicked_at = now
+        if self.window <= 0.0:
+            self.asleep = True
+        elif not self.spinning:
+            self.spinning = True
+            self.spins += 1
+            self.loop.call_soon(self._spin)
+
+    def _spin(self) -> None:
+        # A pending callback makes the loop poll with a zero timeout: replies
+        # are read on the pass they arrive, with no wake-up to wait for.
+        if time.monotonic() - self.kicked_at < self.window:
+            self.loop.call_soon(self._spin)
+        else:
+            self.spinning = False
+            self.asleep = True
+
+    def woke(self) -> None:
+        """The loop read a reply after the spin ran out: adapt the next spin."""
+        self.asleep = False
+        waited = time.monotonic() - self.kicked_at
+        if waited <= self.limit * GROW_SLACK:
+            self.window = min(self.limit, max(self.window * 2.0, GROW_START))
+        elif self.window > SHRINK_STOP:
+            self.window /= 2.0
+        else:
+            self.window = 0.0
