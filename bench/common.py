@@ -177,11 +177,18 @@ def gbench_path() -> Path:
 _RESULT = re.compile(r"jobs_s=([\d.]+) p50_us=([\d.]+) p99_us=([\d.]+)")
 
 
-def limit_run(workers: int, size: int, duration: float, worker: Path = ECHO) -> Run:
-    """The physical limit: C dispatcher, one job in flight per worker, no pool logic."""
+def limit_run(
+    workers: int, size: int, duration: float, worker: Path = ECHO, busy_poll: bool = False
+) -> Run:
+    """The physical limit: C dispatcher, one job in flight per worker, no pool logic.
+
+    With ``busy_poll`` it never blocks waiting for a reply (``-b``): the limit
+    for a dispatcher that polls, on machines where waking a blocked process
+    is costly."""
     out = subprocess.run(
         [
             str(gbench_path()),
+            *(["-b"] if busy_poll else []),
             "-q",
             "-w",
             str(workers),
@@ -209,7 +216,24 @@ def machine() -> str:
     import platform
 
     python = platform.python_version()
-    return f"{os.cpu_count()} cores, Python {python}, {php_version()}, {platform.platform()}"
+    return (
+        f"{os.cpu_count()} cores, Python {python}, {php_version()}, {platform.platform()}, "
+        f"{idle_polling()}"
+    )
+
+
+def idle_polling() -> str:
+    """How long an idle CPU polls before it halts (Linux's guest halt-polling):
+    what a blocked process pays to be woken on a virtual machine depends on it."""
+    try:
+        driver = Path("/sys/devices/system/cpu/cpuidle/current_driver").read_text().strip()
+    except OSError:
+        return "cpuidle driver unknown"
+    try:
+        ns = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns").read_text().strip()
+    except OSError:
+        return f"cpuidle {driver}"
+    return f"cpuidle {driver}, guest_halt_poll_ns={ns}"
 
 
 def php_version() -> str:

@@ -8,6 +8,11 @@ figure is given as a ratio of it.
     .venv/bin/python bench/pool_bench.py          # W 1,2,4 x c 1,16,64 x 16B,1KiB,64KiB
     .venv/bin/python bench/pool_bench.py --depth 1,2,4,auto    # pipelined dispatch
     .venv/bin/python bench/pool_bench.py --mixed --depth 1,auto --workers 2 --concurrency 16
+    .venv/bin/python bench/pool_bench.py --busy-poll 0,50us    # with and without busy polling
+
+The limit is measured twice per round: blocking on its workers' replies as
+the pool's event loop does, and busy-polling (gbench -b), the limit for a
+dispatcher that never blocks.
 """
 
 from __future__ import annotations
@@ -31,17 +36,40 @@ from common import (
 from shardpool import Payload, Pool, pool_config
 from shardpool.argtypes import positive_int
 from shardpool.benchmark.command import counts, depths, seconds, sizes
+from shardpool.config import DEFAULT_BUSY_POLL, parse_duration
+
+
+def durations(text: str) -> list[float]:
+    """``0,50us`` -> [0.0, 5e-05]."""
+    try:
+        return [float(parse_duration(p.strip())) for p in text.split(",") if p.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def busy_label(seconds: float) -> str:
+    return f", busy poll {seconds * 1e6:g} µs" if seconds else ", no busy poll"
+
 
 COMMANDS = ROOT / "workers" / "commands.php"
 
 
 async def measure_pool(
-    workers: int, concurrency: int, size: int, duration: float, depth: str, mixed: bool
+    workers: int,
+    concurrency: int,
+    size: int,
+    duration: float,
+    depth: str,
+    mixed: bool,
+    busy_poll: float = DEFAULT_BUSY_POLL,
 ) -> Run:
     script = COMMANDS if mixed else ECHO
     depth_value: int | str = depth if depth == "auto" else int(depth)
     config = pool_config(
-        command=["php", str(script)], num_workers=workers, pipeline_depth=depth_value
+        command=["php", str(script)],
+        num_workers=workers,
+        pipeline_depth=depth_value,
+        busy_poll=busy_poll,
     )
     fast = Payload(b"echo:" + b"x" * max(0, size - 5)) if mixed else Payload(b"x" * size)
     slow = Payload(b"sleep:50")
@@ -67,39 +95,47 @@ def main() -> None:
     parser.add_argument(
         "--mixed", action="store_true", help="1%% of jobs sleep 50 ms (commands.php)"
     )
+    parser.add_argument(
+        "--busy-poll",
+        type=durations,
+        default=[DEFAULT_BUSY_POLL],
+        help="the pools' busy_poll settings, e.g. 0,50us (default: the pool's default)",
+    )
     parser.add_argument("--repeat", type=positive_int, default=3)
     parser.add_argument("--duration", type=seconds, default=2.0)
     args = parser.parse_args()
     levels: list[str] = args.depth  # pipeline depths
     print(machine(), flush=True)
+    polls: list[float] = args.busy_poll
+    labelled = len(polls) > 1
     headers = [
         "W", "in flight", "body", "dispatch", "jobs/s", "p50 µs", "p99 µs", "× limit", "range",
+        "× busy-poll limit",
     ]  # fmt: skip
     rows: list[list[str]] = []
     for workers in args.workers:
         for size in args.sizes:
             limit = Series("C limit (1 job/worker)")
-            pools = {(c, d): Series(f"pool depth {d}") for c in args.concurrency for d in levels}
+            busy = Series("C limit, busy poll")
+            pools = {
+                (c, d, b): Series(f"pool depth {d}" + (busy_label(b) if labelled else ""))
+                for c in args.concurrency
+                for d in levels
+                for b in polls
+            }
             for _ in range(args.repeat):
                 limit.runs.append(limit_run(workers, size, args.duration))
-                for (c, d), series in pools.items():
-                    series.runs.append(
-                        uvloop.run(measure_pool(workers, c, size, args.duration, d, args.mixed))
-                    )
+                busy.runs.append(limit_run(workers, size, args.duration, busy_poll=True))
+                for (c, d, b), series in pools.items():
+                    run = measure_pool(workers, c, size, args.duration, d, args.mixed, b)
+                    series.runs.append(uvloop.run(run))
             block = [
-                [
-                    str(workers),
-                    "-",
-                    size_label(size),
-                    limit.name,
-                    f"{limit.jobs_s:,.0f}",
-                    f"{limit.p50_us:.0f}",
-                    f"{limit.p99_us:.0f}",
-                    "1.00",
-                    "",
-                ]
-            ]
-            for (c, _), series in pools.items():
+                [str(workers), "-", size_label(size), base.name, f"{base.jobs_s:,.0f}",
+                 f"{base.p50_us:.0f}", f"{base.p99_us:.0f}", f"{base.ratio(limit):.2f}", "",
+                 f"{base.ratio(busy):.2f}"]
+                for base in (limit, busy)
+            ]  # fmt: skip
+            for (c, _, _), series in pools.items():
                 block.append(
                     [
                         str(workers),
@@ -111,6 +147,7 @@ def main() -> None:
                         f"{series.p99_us:.0f}",
                         f"{series.ratio(limit):.2f}",
                         series.ratio_range(limit),
+                        f"{series.ratio(busy):.2f}",
                     ]
                 )
             print(table(headers, block), flush=True)

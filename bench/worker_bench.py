@@ -6,7 +6,11 @@ Baselines measured in the same run, interleaved with ours:
 - the event-loop floor: a bare uvloop Protocol on the same pipes that
   resolves one future per reply, with no shardpool code (what any asyncio
   driver pays: an epoll wake-up, a callback, a task wake-up per job);
-- the C limit dispatcher (../shared/tools/limit) with one worker.
+- the C limit dispatcher (../shared/tools/limit) with one worker, blocking
+  on its replies and busy-polling (-b).
+
+shardpool's Worker runs twice: as is (it blocks in the event loop's wait),
+and with the busy polling a pool sets up by default (``busy_poll``).
 
     .venv/bin/python bench/worker_bench.py [--repeat 3] [--duration 2]
 """
@@ -35,9 +39,11 @@ from common import (
 
 from shardpool.argtypes import positive_int
 from shardpool.benchmark.command import seconds, sizes
+from shardpool.config import DEFAULT_BUSY_POLL
 from shardpool.ipc import PipeFactory
 from shardpool.payload import Payload
 from shardpool.protocol import encode_job
+from shardpool.worker.busypoll import BusyPoll
 
 
 def blocking_driver(size: int, duration: float) -> Run:
@@ -95,8 +101,10 @@ async def event_loop_floor(size: int, duration: float) -> Run:
     return timed.run()
 
 
-async def shardpool_worker(size: int, duration: float) -> Run:
+async def shardpool_worker(size: int, duration: float, busy_poll: float = 0.0) -> Run:
     worker = await PipeFactory().spawn(["php", str(ECHO)])
+    if busy_poll:
+        worker.busy_poll = BusyPoll(asyncio.get_running_loop(), busy_poll)
     payload = Payload(b"x" * size)
     timed = Timed(duration)
     for _ in timed:
@@ -121,12 +129,16 @@ def main() -> None:
     for size in args.sizes:
         ours, py, limit = Series("shardpool Worker"), Series("blocking Python"), Series("C limit")
         floor = Series("event-loop floor")
+        busy_limit = Series("C limit, busy poll")
+        busy = Series(f"shardpool Worker, busy poll {DEFAULT_BUSY_POLL * 1e6:g} µs")
         for _ in range(args.repeat):
             limit.runs.append(limit_run(1, size, args.duration))
+            busy_limit.runs.append(limit_run(1, size, args.duration, busy_poll=True))
             py.runs.append(blocking_driver(size, args.duration))
             floor.runs.append(uvloop.run(event_loop_floor(size, args.duration)))
             ours.runs.append(uvloop.run(shardpool_worker(size, args.duration)))
-        for s in (limit, py, floor, ours):
+            busy.runs.append(uvloop.run(shardpool_worker(size, args.duration, DEFAULT_BUSY_POLL)))
+        for s in (limit, busy_limit, py, floor, ours, busy):
             rows.append(
                 [
                     size_label(size),
@@ -139,7 +151,7 @@ def main() -> None:
                     f"{s.ratio(limit):.2f}",
                 ]
             )
-        print(table(HEADERS, rows[-4:]), flush=True)
+        print(table(HEADERS, rows[-6:]), flush=True)
     print()
     print(
         f"medians of {args.repeat} interleaved runs of {args.duration:g}s each; a ratio is the "
