@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -84,6 +85,21 @@ def _at_most(ttl: float | None, left: float | None) -> float | None:
 
 def _never_ran() -> JobTimeoutError:
     return JobTimeoutError("the job's deadline passed while it waited for a worker; it never ran")
+
+
+@dataclasses.dataclass(slots=True)
+class _DebugState:
+    """Debug mode's own bookkeeping (a fresh worker per job), in one record:
+    the pool's hot path reads its other attributes once per job, and CPython
+    keeps an object's attributes in its fast layout only up to 30 of them."""
+
+    workers: set[Worker] = dataclasses.field(default_factory=set)
+    spawns: set[asyncio.Future[Worker]] = dataclasses.field(default_factory=set)
+    #: At most num_workers debug jobs run at once; the rest wait in ``waiters``.
+    running: int = 0
+    waiters: collections.deque[asyncio.Future[None]] = dataclasses.field(
+        default_factory=collections.deque
+    )
 
 
 class Submission(msgspec.Struct, eq=False):
@@ -205,11 +221,7 @@ class Pool:
         self._changed: asyncio.Event | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._destroyed: asyncio.Future[None] | None = None
-        self._debug_workers: set[Worker] = set()
-        self._debug_spawns: set[asyncio.Future[Worker]] = set()
-        # Debug mode runs at most num_workers jobs at once; the rest wait here.
-        self._debug_running = 0
-        self._debug_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._debug = _DebugState()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -263,14 +275,14 @@ class Pool:
         closed = PoolClosedError("the pool was destroyed before the job started")
         while self._queue:
             self._fail(self._queue.popleft(), closed)
-        while self._debug_waiters:  # debug jobs waiting for a turn
-            turn = self._debug_waiters.popleft()
+        while self._debug.waiters:  # debug jobs waiting for a turn
+            turn = self._debug.waiters.popleft()
             if not turn.done():
                 turn.set_exception(closed)
         self._idle.clear()
         timeout = self.config.destroy_timeout
-        await asyncio.gather(*self._debug_spawns, return_exceptions=True)
-        workers = [*self._workers, *self._debug_workers]
+        await asyncio.gather(*self._debug.spawns, return_exceptions=True)
+        workers = [*self._workers, *self._debug.workers]
         await asyncio.gather(*(w.destroy(timeout) for w in workers))
         # Spawns still under way: cancelling them kills their processes.
         for task in list(self._tasks):
@@ -850,9 +862,9 @@ class Pool:
         the others wait as queued jobs do: up to ``allocate_timeout``, at most
         ``max_queue_size`` of them, never past their deadline. Yields the time
         left to the deadline (None: no deadline)."""
-        if self._debug_running >= self.config.num_workers or self._debug_waiters:
+        if self._debug.running >= self.config.num_workers or self._debug.waiters:
             limit = self.config.max_queue_size
-            if limit and len(self._debug_waiters) >= limit:
+            if limit and len(self._debug.waiters) >= limit:
                 raise self._queue_full()
             wait = float(self.config.allocate_timeout)
             left = deadline - time.monotonic() if deadline else wait
@@ -861,7 +873,7 @@ class Pool:
                 wait = max(0.0, left)
             assert self._loop is not None
             turn = self._loop.create_future()
-            self._debug_waiters.append(turn)
+            self._debug.waiters.append(turn)
             try:
                 await asyncio.wait_for(turn, wait)  # a finished job hands over its slot
             except TimeoutError:
@@ -869,21 +881,21 @@ class Pool:
             finally:
                 if not turn.done() or turn.cancelled():
                     with contextlib.suppress(ValueError):
-                        self._debug_waiters.remove(turn)
+                        self._debug.waiters.remove(turn)
         else:
-            self._debug_running += 1
+            self._debug.running += 1
         try:
             yield (deadline - time.monotonic()) if deadline else None
         finally:
             self._debug_release()
 
     def _debug_release(self) -> None:
-        while self._debug_waiters:
-            turn = self._debug_waiters.popleft()
+        while self._debug.waiters:
+            turn = self._debug.waiters.popleft()
             if not turn.done():
                 turn.set_result(None)  # the slot passes on: the running count stays
                 return
-        self._debug_running -= 1
+        self._debug.running -= 1
 
     async def _debug_spawn(self) -> Worker:
         async def spawn() -> Worker:
@@ -891,19 +903,19 @@ class Pool:
                 self.config.argv, timeout=self.config.allocate_timeout, env=self.config.env
             )
             worker.busy_poll = self._busy_poll
-            self._debug_workers.add(worker)
+            self._debug.workers.add(worker)
             return worker
 
         task = asyncio.ensure_future(spawn())
-        self._debug_spawns.add(task)  # destroy() waits for it, then stops the worker
-        task.add_done_callback(self._debug_spawns.discard)
+        self._debug.spawns.add(task)  # destroy() waits for it, then stops the worker
+        task.add_done_callback(self._debug.spawns.discard)
         return await task
 
     async def _debug_done(self, worker: Worker) -> None:
         try:
             await worker.destroy(self.config.destroy_timeout)
         finally:
-            self._debug_workers.discard(worker)
+            self._debug.workers.discard(worker)
 
     async def _stream_debug(
         self, payload: Payload, timeout: float | None, deadline: float
@@ -949,7 +961,7 @@ class Pool:
     @property
     def queue_size(self) -> int:
         """Jobs waiting for a free worker."""
-        return len(self._queue) + len(self._debug_waiters)
+        return len(self._queue) + len(self._debug.waiters)
 
     @property
     def size(self) -> int:
