@@ -120,6 +120,18 @@ def test_pipeline_depths_are_measured_side_by_side_each_against_its_own_pool(
     assert {f"serve 1 shard × {php} PHP, depth 4", f"in-process Pool, {php} PHP, depth 4"} <= rows
 
 
+def test_busy_poll_setting_reaches_the_service_and_the_pool_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = bench(
+        "--quick", "--duration", "0.2", "--concurrency", "16", "--shards", "1",
+        "--busy-poll", "0", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr  # serve took --busy-poll 0
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["busy_poll"] == 0
+    assert all(c["jobs"] > 0 for c in doc["configurations"])
+
+
 def test_connect_measures_a_running_server(tmp_path: Path) -> None:
     service = Service(tmp_path, "--shards", "1", "--workers", "2")
     try:
@@ -155,6 +167,8 @@ def test_connect_measures_a_running_server(tmp_path: Path) -> None:
         ["--pipeline-depth", "0"],
         ["--pipeline-depth", "deep"],
         ["--connect", "tcp://127.0.0.1:1", "--pipeline-depth", "4"],
+        ["--busy-poll", "1s"],
+        ["--connect", "tcp://127.0.0.1:1", "--busy-poll", "0"],
     ],
 )
 def test_bad_arguments_give_a_one_line_error(args: list[str]) -> None:

@@ -66,6 +66,25 @@ async def test_a_pool_waiting_on_slow_jobs_stops_polling() -> None:
 
 
 @async_test()
+async def test_many_workers_on_slow_jobs_stop_polling_though_replies_come_often() -> None:
+    # 4 workers on 40 ms jobs, started 10 ms apart: a reply comes every 10 ms,
+    # soon after the last job went out, but each job took 40 ms. The spin
+    # adapts to the jobs' own times: it must stop, not poll between replies.
+    async with Pool(config(num_workers=4, busy_poll=LONGEST)) as pool:
+
+        async def caller(offset: float) -> None:
+            await asyncio.sleep(offset)  # staggers the load; not a synchronisation
+            for _ in range(10):
+                assert (await pool.exec(b"sleep:40")).body == b"slept"
+
+        cpu = time.process_time()
+        await asyncio.gather(*(caller(i * 0.01) for i in range(4)))
+        spent = time.process_time() - cpu
+        assert {w.busy_poll.window for w in pool._workers if w.busy_poll} == {0.0}
+    assert spent < 0.15, f"the pool's process spent {spent:.3f}s of CPU on 40 slow jobs"
+
+
+@async_test()
 async def test_an_idle_pool_stops_polling() -> None:
     async with Pool(config(busy_poll=LONGEST)) as pool:
         await pool.exec(b"echo:x")
@@ -97,13 +116,22 @@ async def test_a_spin_runs_out_after_its_window_and_the_loop_may_block() -> None
 
 
 @async_test()
+async def test_a_job_pipelined_behind_another_stops_the_spin_at_its_next_pass() -> None:
+    poller = BusyPoll(asyncio.get_running_loop(), 0.01)
+    poller.kick(time.monotonic())
+    poller.saturated()  # every worker is busy: the CPU is theirs
+    for _ in range(3):  # loop passes, each far shorter than the 10 ms spin
+        await asyncio.sleep(0)
+    assert not poller.spinning and poller.asleep
+
+
+@async_test()
 async def test_a_long_wait_halves_the_spin_down_to_none() -> None:
     limit = 50e-6
     poller = BusyPoll(asyncio.get_running_loop(), limit)
     windows = []
     while poller.window:
-        poller.kicked_at = time.monotonic() - 1.0  # the reply came a second after
-        poller.woke()
+        poller.woke(time.monotonic() - 1.0)  # a job that took a second
         windows.append(poller.window)
     assert windows[:3] == [limit / 2, limit / 4, limit / 8]
     assert windows[-2] <= SHRINK_STOP and windows[-1] == 0.0
@@ -119,8 +147,7 @@ async def test_a_reply_soon_after_the_spin_ran_out_grows_it_back_to_the_limit() 
     poller.window = 0.0
     windows = []
     for _ in range(6):
-        poller.kicked_at = time.monotonic()  # the reply came at once
-        poller.woke()
+        poller.woke(time.monotonic())  # a job that took no time
         windows.append(poller.window)
     assert windows[0] == GROW_START
     assert windows[1] == 2 * GROW_START

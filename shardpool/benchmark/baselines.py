@@ -37,14 +37,16 @@ async def measure_pool(
     duration: float,
     warmup: float,
     depth: str = "1",
+    busy_poll: float | None = None,
 ) -> tuple[Sample, dict[str, float]]:
     """The in-process pool of ``workers`` PHP workers, ``concurrency`` jobs in flight,
-    up to ``depth`` of them in one worker's pipe.
+    up to ``depth`` of them in one worker's pipe (``busy_poll``: None for the default).
 
     CPU: this process (``client``: the callers and the pool) and the workers (``php``).
     """
     payload = Payload(b"x" * size)
     config = pool_config(
+        None if busy_poll is None else {"busy_poll": busy_poll},
         command=list(command),
         num_workers=workers,
         pipeline_depth=depth if depth == "auto" else int(depth),

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shardpool.argtypes import add_curve_options, curve_keys, pipeline_depth
+from shardpool.argtypes import add_curve_options, busy_poll, curve_keys, pipeline_depth
 from shardpool.config import DEFAULT_WORKER
 from shardpool.errors import ShardpoolError
 
@@ -49,7 +49,8 @@ runs the same sweep at 0.3 s per run, for a first look in about ten seconds.
 Each configuration is measured once: on a busy machine, run it twice.
 --pipeline-depth D runs the service and the in-process pool with up to D jobs
 in each PHP worker's pipe (default 1: RoadRunner's dispatch); several depths
-are measured side by side.
+are measured side by side. --busy-poll sets the pools' busy polling (default
+50us, 0: off; see docs/pool.md) for the service and the in-process pool.
 
 --connect measures a running server instead (its own shards and workers;
 the baselines get as many PHP workers); the CPU columns are filled only
@@ -193,6 +194,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="jobs per PHP worker's pipe, for the service and the pool baseline: "
         "1 (default), N or auto",
     )
+    add(
+        "--busy-poll",
+        type=busy_poll,
+        metavar="DURATION",
+        help="the pools' busy_poll, for the service and the pool baseline (default 50us; 0: off)",
+    )
     add("--duration", type=seconds, metavar="SECONDS", help="per measured run (default 4)")
     add("--worker", type=php_script, metavar="SCRIPT", help="a PHP worker that echoes its job")
     add("--json", type=output_file, metavar="FILE", help="write the results as JSON")
@@ -206,10 +213,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     from shardpool.benchmark.runner import Settings
 
     parser: argparse.ArgumentParser = args.bench_parser
-    if args.connect and (args.shards or args.workers or args.pipeline_depth):
+    if args.connect and (
+        args.shards or args.workers or args.pipeline_depth or args.busy_poll is not None
+    ):
         parser.error(
-            "--shards, --workers and --pipeline-depth set up the embedded service; "
-            "with --connect the server's own are measured"
+            "--shards, --workers, --pipeline-depth and --busy-poll set up the embedded "
+            "service; with --connect the server's own are measured"
         )
     cpus = os.cpu_count() or 1
     duration = args.duration or (QUICK_DURATION if args.quick else DEFAULT_DURATION)
@@ -220,6 +229,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         sizes=args.size or DEFAULT_SIZES,
         concurrency=args.concurrency or DEFAULT_CONCURRENCY,
         depths=args.pipeline_depth or ["1"],
+        busy_poll=args.busy_poll,
         duration=duration,
         warmup=0.1 if args.quick else min(0.5, duration / 4),
         per_job_duration=min(duration, PER_JOB_DURATION),

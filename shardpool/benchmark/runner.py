@@ -95,6 +95,7 @@ class Settings:
     services: list[tuple[int, int]]  # (shards, workers per shard); empty with connect
     connect: str | None = None
     depths: list[str] = field(default_factory=lambda: ["1"])  # pipeline depths
+    busy_poll: float | None = None  # the pools' busy_poll (None: their default)
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
@@ -107,6 +108,7 @@ class Settings:
             "sizes": self.sizes,
             "concurrency": self.concurrency,
             "pipeline_depths": self.depths,
+            "busy_poll": self.busy_poll,
             "duration": self.duration,
             "warmup": self.warmup,
             "per_job_duration": self.per_job_duration,
@@ -214,7 +216,9 @@ class Runner:
             return uvloop.run(measure_limit(s.command, workers, size, s.duration, s.warmup))
         if step.kind is Kind.POOL:
             return uvloop.run(
-                measure_pool(s.command, workers, c, size, s.duration, s.warmup, step.depth)
+                measure_pool(
+                    s.command, workers, c, size, s.duration, s.warmup, step.depth, s.busy_poll
+                )
             )
         info = self._service_for(step)
         return uvloop.run(measure_service(info, c, size, s.duration, s.warmup))
@@ -231,7 +235,15 @@ class Runner:
                 shards=shards,
                 workers=per_shard,
                 worker=self.settings.worker,
-                extra=["--pipeline-depth", depth],
+                extra=[
+                    "--pipeline-depth",
+                    depth,
+                    *(
+                        ["--busy-poll", f"{self.settings.busy_poll}s"]
+                        if self.settings.busy_poll is not None
+                        else []
+                    ),
+                ],
             )
             self._service, self._service_key = service, key
             service.start()

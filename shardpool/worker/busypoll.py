@@ -9,9 +9,9 @@ the loop does better to poll (the event loop's own wait with a zero timeout)
 for as long as a reply is likely to be on its way.
 
 The spin adapts, as Linux's guest halt-polling does: after a spin that ran
-out and a reply that came soon after it, the next spin is longer (up to the
-configured limit); after a reply that came long after, shorter, down to
-none. Short jobs keep the loop polling; slow jobs (milliseconds) soon stop
+out and a reply to a job that took little longer, the next spin is longer
+(up to the configured limit); after a reply to a job that took far longer,
+shorter, down to none. Short jobs keep the loop polling; slow jobs (milliseconds) soon stop
 it, so a pool waiting on them costs no CPU.
 """
 
@@ -24,9 +24,9 @@ import time
 GROW_START = 10e-6
 #: Shorter than this, a shrinking spin stops altogether.
 SHRINK_STOP = 2e-6
-#: A reply this many times the limit after the job was written, or sooner,
-#: says a spin of the limit would (nearly) have caught it: the wait that was
-#: measured includes the wake-up that spinning would have saved.
+#: A reply this many times the limit after its job started, or sooner, says
+#: a spin of the limit would (nearly) have caught it: the time measured
+#: includes the wake-up that spinning would have saved.
 GROW_SLACK = 2.0
 
 
@@ -34,9 +34,12 @@ class BusyPoll:
     """Adaptive busy polling for one event loop, shared by a pool's workers.
 
     A worker calls :meth:`kick` when it writes a job to an idle pipe, and
-    :meth:`woke` when it reads while :attr:`asleep` is set. Jobs written
-    behind others in a pipe do not kick: their worker stays busy without
-    the loop's help, and the loop's own wait gathers several replies per read.
+    :meth:`woke` when it reads while :attr:`asleep` is set, with the time its
+    job started: the spin adapts to how long jobs take, each measured on its
+    own worker, not to when the last job went out. A job written behind
+    others in a pipe stops the spin (:meth:`saturated`): the workers stay
+    busy without the loop's help, polling would take CPU they need, and the
+    loop's own wait gathers several replies per read.
     """
 
     __slots__ = ("asleep", "kicked_at", "limit", "loop", "spinning", "spins", "window")
@@ -65,6 +68,12 @@ class BusyPoll:
             self.spins += 1
             self.loop.call_soon(self._spin)
 
+    def saturated(self) -> None:
+        """A job was written behind another in a busy pipe: every worker is
+        busy without the loop's help, and the CPU a spin takes is theirs. The
+        spin stops at its next pass."""
+        self.kicked_at = 0.0
+
     def _spin(self) -> None:
         # A pending callback makes the loop poll with a zero timeout: replies
         # are read on the pass they arrive, with no wake-up to wait for.
@@ -74,11 +83,12 @@ class BusyPoll:
             self.spinning = False
             self.asleep = True
 
-    def woke(self) -> None:
-        """The loop read a reply after the spin ran out: adapt the next spin."""
+    def woke(self, since: float) -> None:
+        """A worker read a reply after the spin ran out; its job started at
+        ``since`` (time.monotonic()): adapt the next spin to how long it took."""
         self.asleep = False
-        waited = time.monotonic() - self.kicked_at
-        if waited <= self.limit * GROW_SLACK:
+        took = time.monotonic() - since
+        if took <= self.limit * GROW_SLACK:
             self.window = min(self.limit, max(self.window * 2.0, GROW_START))
         elif self.window > SHRINK_STOP:
             self.window /= 2.0

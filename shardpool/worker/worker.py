@@ -305,7 +305,7 @@ class Worker:
         # A pipelined worker's read often holds several of them.
         busy_poll = self.busy_poll
         if busy_poll is not None and busy_poll.asleep:
-            busy_poll.woke()
+            busy_poll.woke(self.head_since)
         pos, end = 0, len(data)
         pending = self._pending
         if self._garbage is None and not self._decoder._buf:
@@ -509,6 +509,8 @@ class Worker:
                 self._arm_ttl(job)
             if state is _READY:
                 self.state = _WORKING
+        elif self.busy_poll is not None:
+            self.busy_poll.saturated()
         self._pending.append(job)
 
     def _refuse(self, job: Job) -> None:
