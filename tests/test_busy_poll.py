@@ -17,7 +17,13 @@ from conftest import async_test, php
 
 from shardpool import Payload, Pool, PoolConfig, pool_config
 from shardpool.config import DEFAULT_BUSY_POLL
-from shardpool.worker.busypoll import GROW_START, SHRINK_STOP, BusyPoll
+from shardpool.worker.busypoll import (
+    CHECK_EVERY,
+    CONTENDED,
+    GROW_START,
+    SHRINK_STOP,
+    BusyPoll,
+)
 
 LONGEST = "10ms"  # the largest busy_poll: what a spin that never adapted would cost
 
@@ -123,6 +129,20 @@ async def test_a_job_pipelined_behind_another_stops_the_spin_at_its_next_pass() 
     for _ in range(3):  # loop passes, each far shorter than the 10 ms spin
         await asyncio.sleep(0)
     assert not poller.spinning and poller.asleep
+
+
+@async_test()
+async def test_a_spin_that_keeps_being_preempted_pauses_spinning() -> None:
+    poller = BusyPoll(asyncio.get_running_loop(), 1.0)  # a spin far longer than 64 passes
+    poller.preempted -= CONTENDED  # as if the kernel had preempted it since the last check
+    poller.kick(time.monotonic())
+    async with asyncio.timeout(5):
+        while poller.spinning:  # stops at its first check
+            await asyncio.sleep(0)
+    assert poller.passes == CHECK_EVERY
+    assert poller.backoff_until > time.monotonic()
+    poller.kick(time.monotonic())  # during the pause a job starts no spin
+    assert not poller.spinning and poller.spins == 1
 
 
 @async_test()

@@ -12,18 +12,30 @@ The spin adapts, as Linux's guest halt-polling does: after a spin that ran
 out and a reply to a job that took little longer, the next spin is longer
 (up to the configured limit); after a reply to a job that took far longer,
 shorter, down to none. Short jobs keep the loop polling; slow jobs (milliseconds) soon stop
-it, so a pool waiting on them costs no CPU.
+it, so a pool waiting on them costs no CPU. And a spin gives way when the
+CPUs are contended: a thread that the kernel keeps preempting while it
+polls is taking time that runnable PHP workers need (more workers than
+cores, say), so spinning pauses for 50 ms, then tries again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import resource
 import time
 
 #: A spin that grows from nothing starts here (seconds).
 GROW_START = 10e-6
 #: Shorter than this, a shrinking spin stops altogether.
 SHRINK_STOP = 2e-6
+#: A spin checks every this many loop passes how often its thread was
+#: preempted (involuntary context switches) since the last check; this many
+#: times or more says the CPUs are contended, and spinning pauses a while.
+CHECK_EVERY = 64
+CONTENDED = 2
+BACK_OFF = 0.05
+_RUSAGE = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
+
 #: A reply this many times the limit after its job started, or sooner, says
 #: a spin of the limit would (nearly) have caught it: the time measured
 #: includes the wake-up that spinning would have saved.
@@ -42,7 +54,10 @@ class BusyPoll:
     loop's own wait gathers several replies per read.
     """
 
-    __slots__ = ("asleep", "kicked_at", "limit", "loop", "spinning", "spins", "window")
+    __slots__ = (
+        "asleep", "backoff_until", "kicked_at", "limit", "loop", "passes", "preempted",
+        "spinning", "spins", "window",
+    )  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limit: float) -> None:
         self.loop = loop
@@ -57,10 +72,17 @@ class BusyPoll:
         self.asleep = False
         #: Spins started (for tests and stats).
         self.spins = 0
+        self.passes = 0
+        #: Involuntary context switches of this thread at the last check.
+        self.preempted = resource.getrusage(_RUSAGE).ru_nivcsw
+        #: No spin before this time (time.monotonic()): the CPUs were contended.
+        self.backoff_until = 0.0
 
     def kick(self, now: float) -> None:
         """A job went to an idle worker at ``now`` (time.monotonic())."""
         self.kicked_at = now
+        if now < self.backoff_until:
+            return  # the CPUs are contended: no spin, and nothing to learn
         if self.window <= 0.0:
             self.asleep = True
         elif not self.spinning:
@@ -77,11 +99,24 @@ class BusyPoll:
     def _spin(self) -> None:
         # A pending callback makes the loop poll with a zero timeout: replies
         # are read on the pass they arrive, with no wake-up to wait for.
-        if time.monotonic() - self.kicked_at < self.window:
+        self.passes += 1
+        if self.passes % CHECK_EVERY == 0 and self._contended():
+            self.backoff_until = time.monotonic() + BACK_OFF
+        elif time.monotonic() - self.kicked_at < self.window:
             self.loop.call_soon(self._spin)
-        else:
-            self.spinning = False
-            self.asleep = True
+            return
+        self.spinning = False
+        self.asleep = True
+
+    def _contended(self) -> bool:
+        """Was this thread preempted again and again since the last check?
+        Then the CPUs are wanted by others: the PHP workers, most likely."""
+        switches = resource.getrusage(_RUSAGE).ru_nivcsw
+        was, self.preempted = self.preempted, switches
+        return switches - was >= CONTENDED
+
+    def _shrink(self) -> None:
+        self.window = self.window / 2.0 if self.window > SHRINK_STOP else 0.0
 
     def woke(self, since: float) -> None:
         """A worker read a reply after the spin ran out; its job started at
@@ -90,7 +125,5 @@ class BusyPoll:
         took = time.monotonic() - since
         if took <= self.limit * GROW_SLACK:
             self.window = min(self.limit, max(self.window * 2.0, GROW_START))
-        elif self.window > SHRINK_STOP:
-            self.window /= 2.0
         else:
-            self.window = 0.0
+            self._shrink()
