@@ -10,7 +10,8 @@ figure is given as a ratio of it.
     .venv/bin/python bench/pool_bench.py --mixed --depth 1,auto --workers 2 --concurrency 16
     .venv/bin/python bench/pool_bench.py --busy-poll 0,50us    # with and without busy polling
 
-The limit is measured twice per round: blocking on its workers' replies as
+Within a round the pools run in one order, in the next round in the reverse
+order. The limit is measured twice per round: blocking on its workers' replies as
 the pool's event loop does, and busy-polling (gbench -b), the limit for a
 dispatcher that never blocks.
 """
@@ -123,10 +124,14 @@ def main() -> None:
                 for d in levels
                 for b in polls
             }
-            for _ in range(args.repeat):
+            for round_ in range(args.repeat):
                 limit.runs.append(limit_run(workers, size, args.duration))
                 busy.runs.append(limit_run(workers, size, args.duration, busy_poll=True))
-                for (c, d, b), series in pools.items():
+                # Every other round in reverse: a run measured right after
+                # another pool's is slower (by up to a quarter here), and the
+                # order must not decide which configuration wins.
+                order = list(pools.items())
+                for (c, d, b), series in order if round_ % 2 == 0 else reversed(order):
                     run = measure_pool(workers, c, size, args.duration, d, args.mixed, b)
                     series.runs.append(uvloop.run(run))
             block = [
