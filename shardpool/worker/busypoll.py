@@ -11,11 +11,16 @@ for as long as a reply is likely to be on its way.
 The spin adapts, as Linux's guest halt-polling does: after a spin that ran
 out and a reply to a job that took little longer, the next spin is longer
 (up to the configured limit); after a reply to a job that took far longer,
-shorter, down to none. Short jobs keep the loop polling; slow jobs (milliseconds) soon stop
-it, so a pool waiting on them costs no CPU. And a spin gives way when the
-CPUs are contended: a thread that the kernel keeps preempting while it
-polls is taking time that runnable PHP workers need (more workers than
-cores, say), so spinning pauses for 50 ms, then tries again.
+shorter, down to none. Short jobs keep the loop polling; slow jobs
+(milliseconds) soon stop it, so a pool waiting on them costs no CPU. And a
+spin gives way when the CPUs are contended: a thread that the kernel keeps
+preempting while it polls is taking time that runnable PHP workers need
+(more workers than cores, say), so spinning pauses for 50 ms, then tries
+again.
+
+A pool makes one BusyPoll for its workers (``busy_poll`` in its config). A
+program driving a lone :class:`~shardpool.worker.worker.Worker` can give it
+one: ``worker.busy_poll = BusyPoll(asyncio.get_running_loop(), 50e-6)``.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ import time
 GROW_START = 10e-6
 #: Shorter than this, a shrinking spin stops altogether.
 SHRINK_STOP = 2e-6
-#: A spin checks every this many loop passes how often its thread was
-#: preempted (involuntary context switches) since the last check; this many
-#: times or more says the CPUs are contended, and spinning pauses a while.
+#: Every CHECK_EVERY loop passes a spin reads how often its thread was
+#: preempted (involuntary context switches) since the last check: CONTENDED
+#: times or more says the CPUs are wanted elsewhere, and no spin starts for
+#: BACK_OFF seconds.
 CHECK_EVERY = 64
 CONTENDED = 2
 BACK_OFF = 0.05
