@@ -120,15 +120,18 @@ def test_pipeline_depths_are_measured_side_by_side_each_against_its_own_pool(
     assert {f"serve 1 shard × {php} PHP, depth 4", f"in-process Pool, {php} PHP, depth 4"} <= rows
 
 
-def test_busy_poll_setting_reaches_the_service_and_the_pool_baseline(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("flag", "seconds"), [("0", 0.0), ("50us", 50e-6)])
+def test_busy_poll_setting_reaches_the_service_and_the_pool_baseline(
+    tmp_path: Path, flag: str, seconds: float
+) -> None:
     out = tmp_path / "bench.json"
     result = bench(
         "--quick", "--duration", "0.2", "--concurrency", "16", "--shards", "1",
-        "--busy-poll", "0", "--json", str(out),
+        "--busy-poll", flag, "--json", str(out),
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr  # serve took --busy-poll 0
+    assert result.returncode == 0, result.stderr  # serve took --busy-poll as given
     doc = json.loads(out.read_text())
-    assert doc["settings"]["busy_poll"] == 0
+    assert doc["settings"]["busy_poll"] == pytest.approx(seconds)
     assert all(c["jobs"] > 0 for c in doc["configurations"])
 
 

@@ -239,7 +239,7 @@ class Runner:
                     "--pipeline-depth",
                     depth,
                     *(
-                        ["--busy-poll", f"{self.settings.busy_poll}s"]
+                        ["--busy-poll", f"{self.settings.busy_poll * 1e6:g}us"]
                         if self.settings.busy_poll is not None
                         else []
                     ),
