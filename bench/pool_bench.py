@@ -35,17 +35,15 @@ from common import (
 )
 
 from shardpool import Payload, Pool, pool_config
+from shardpool.argtypes import busy_poll as busy_poll_arg
 from shardpool.argtypes import positive_int
 from shardpool.benchmark.command import counts, depths, seconds, sizes
-from shardpool.config import DEFAULT_BUSY_POLL, parse_duration
+from shardpool.config import DEFAULT_BUSY_POLL
 
 
-def durations(text: str) -> list[float]:
-    """``0,50us`` -> [0.0, 5e-05]."""
-    try:
-        return [float(parse_duration(p.strip())) for p in text.split(",") if p.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def busy_polls(text: str) -> list[float]:
+    """``0,50us`` -> [0.0, 5e-05], each checked as ``--busy-poll`` is."""
+    return [busy_poll_arg(p) for p in text.split(",") if p.strip()]
 
 
 def busy_label(seconds: float) -> str:
@@ -98,7 +96,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--busy-poll",
-        type=durations,
+        type=busy_polls,
         default=[DEFAULT_BUSY_POLL],
         help="the pools' busy_poll settings, e.g. 0,50us (default: the pool's default)",
     )

@@ -35,7 +35,8 @@ def busy_poll(text: str) -> float:
         value = -1.0
     if not 0 <= value <= MAX_BUSY_POLL:
         raise argparse.ArgumentTypeError(
-            f"a busy poll is a duration from 0 (none) to 10ms, e.g. 50us; got {text!r}"
+            f"a busy poll is a duration from 0 (none) to {MAX_BUSY_POLL * 1e3:g}ms, "
+            f"e.g. 50us; got {text!r}"
         )
     return value
 

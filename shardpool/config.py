@@ -132,7 +132,8 @@ class PoolConfig(_Base):
             raise ValueError("allocate_timeout must be greater than 0")
         if self.busy_poll > MAX_BUSY_POLL:
             raise ValueError(
-                f"busy_poll is the longest spin after writing a job, at most 10ms "
+                f"busy_poll is the longest spin after writing a job, at most "
+                f"{MAX_BUSY_POLL * 1e3:g}ms "
                 f"(e.g. '50us'; 0 turns it off), got {self.busy_poll:g}s"
             )
 

@@ -121,9 +121,6 @@ class BusyPoll:
         was, self.preempted = self.preempted, switches
         return switches - was >= CONTENDED
 
-    def _shrink(self) -> None:
-        self.window = self.window / 2.0 if self.window > SHRINK_STOP else 0.0
-
     def woke(self, since: float) -> None:
         """A worker read a reply after the spin ran out; its job started at
         ``since`` (time.monotonic()): adapt the next spin to how long it took."""
@@ -132,4 +129,4 @@ class BusyPoll:
         if took <= self.limit * GROW_SLACK:
             self.window = min(self.limit, max(self.window * 2.0, GROW_START))
         else:
-            self._shrink()
+            self.window = self.window / 2.0 if self.window > SHRINK_STOP else 0.0
