@@ -141,8 +141,12 @@ async def test_a_spin_that_keeps_being_preempted_pauses_spinning() -> None:
             await asyncio.sleep(0)
     assert poller.passes == CHECK_EVERY
     assert poller.backoff_until > time.monotonic()
+    poller.woke(time.monotonic())  # the reply to that job
     poller.kick(time.monotonic())  # during the pause a job starts no spin
     assert not poller.spinning and poller.spins == 1
+    # ... but its reply still adapts the spin: slow jobs during a pause must
+    # not leave a long spin waiting for the pause to end.
+    assert poller.asleep
 
 
 @async_test()

@@ -87,9 +87,9 @@ class BusyPoll:
     def kick(self, now: float) -> None:
         """A job went to an idle worker at ``now`` (time.monotonic())."""
         self.kicked_at = now
-        if now < self.backoff_until:
-            return  # the CPUs are contended: no spin, and nothing to learn
-        if self.window <= 0.0:
+        if self.window <= 0.0 or now < self.backoff_until:
+            # No spin (none left, or the CPUs are contended): the loop may
+            # block, and the reply still tells how long the job took.
             self.asleep = True
         elif not self.spinning:
             self.spinning = True
