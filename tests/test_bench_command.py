@@ -89,6 +89,10 @@ def test_quick_run_prints_table_json_and_plot_that_agree(tmp_path: Path) -> None
             assert close_to(row[column], config["ratios"][name]), (row, config)
         assert set(config["cpu_percent"]) == {"client", "broker", "shards", "php"}
         assert row["broker %"] and row["PHP %"]
+    for entry in entries:
+        # Every job wakes its PHP worker at least once (it blocks between jobs).
+        assert entry["switches_per_job"] >= 0.5, entry
+        assert close_to(rows[key(entry)]["switches/job"], entry["switches_per_job"]), entry
     data = plot.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 1000
 

@@ -35,7 +35,9 @@ Baselines, measured in the same run on the same machine:
   php per job  a new `php` process per job (a script echoing STDIN), one per CPU at a time
 × limit, × pool, × php/job: jobs/s divided by that baseline's jobs/s.
 CPU: user+system time of each process group over the measured run, in % of one core
-(client: the bench process, or the limit drivers; PHP: the workers)."""
+(client: the bench process, or the limit drivers; PHP: the workers).
+switches/job: times any thread of those processes left its CPU (blocked or preempted),
+per job; each is a wake-up, which is costly on many virtual machines."""
 
 
 def php_version() -> str:
@@ -134,7 +136,7 @@ class Report:
             table.add_column(name, justify="right")
         for name in ("× limit", "× pool", "× php/job"):
             table.add_column(name, justify="right")
-        for name in ("client %", "broker %", "shards %", "PHP %"):
+        for name in ("client %", "broker %", "shards %", "PHP %", "switches/job"):
             table.add_column(name, justify="right")
         for r in self.baselines:
             table.add_row(*self._row(r), style=None if markdown else "dim")
@@ -156,6 +158,7 @@ class Report:
             f"{r.max_us:,.0f}",
             *(_ratio(ratios[name]) for name in RATIOS),
             *(f"{r.cpu[g]:.0f}" if g in r.cpu else "" for g in GROUPS),
+            "" if (switches := r.switches_per_job) is None else f"{switches:.2f}",
         ]
 
     def headline(self) -> str:
@@ -257,6 +260,7 @@ def _figures(r: Result) -> dict[str, Any]:
         p99_us=round(r.p99_us, 1),
         max_us=round(r.max_us, 1),
         cpu_percent={g: round(r.cpu[g], 1) for g in GROUPS if g in r.cpu},
+        switches_per_job=None if (sw := r.switches_per_job) is None else round(sw, 3),
     )
     return doc
 

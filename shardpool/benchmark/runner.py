@@ -20,6 +20,7 @@ from typing import Any
 import uvloop
 
 from shardpool.benchmark.baselines import measure_per_job, measure_pool
+from shardpool.benchmark.cpu import SWITCHES
 from shardpool.benchmark.drive import Sample
 from shardpool.benchmark.limit import measure_limit
 from shardpool.benchmark.service import ServiceInfo, inspect_service, measure_service
@@ -163,6 +164,12 @@ class Result:
     p99_us: float
     max_us: float
     cpu: dict[str, float]
+
+    @property
+    def switches_per_job(self) -> float | None:
+        """Context switches of every measured process per job (None: not measured)."""
+        rate = self.cpu.get(SWITCHES)
+        return rate / self.jobs_s if rate is not None and self.jobs_s > 0 else None
 
     @classmethod
     def of(cls, step: Step, sample: Sample, cpu: dict[str, float]) -> Result:
