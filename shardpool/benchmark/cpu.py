@@ -11,10 +11,11 @@ the window (``os.times``): that is how one-PHP-process-per-job is measured.
 
 Context switches (:data:`SWITCHES`): every time one of the measured
 processes' threads left its CPU, because it blocked (waiting for a reply) or
-was preempted. Each costs a wake-up later, and on virtual machines where
-switching between processes traps to the hypervisor they are where much of
-the time goes. Linux only (``/proc/PID/task/*/status``); elsewhere the key
-is absent.
+was preempted. Each needs a wake-up later. Two processes passing jobs to and
+fro on one CPU switch cheaply; a wake-up that has to rouse another, idle CPU
+can cost tens of microseconds on a virtual machine, so the count says where
+to look, not what it cost. Linux only (``/proc/PID/task/*/status``);
+elsewhere the key is absent.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ Baselines, measured in the same run on the same machine:
 CPU: user+system time of each process group over the measured run, in % of one core
 (client: the bench process, or the limit drivers; PHP: the workers).
 switches/job: times any thread of those processes left its CPU (blocked or preempted),
-per job; each is a wake-up, which is costly on many virtual machines."""
+per job; each needs a wake-up, costly on many virtual machines when it rouses an idle CPU."""
 
 
 def php_version() -> str:
