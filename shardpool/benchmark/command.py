@@ -34,12 +34,13 @@ MAX_SIZE = 64 << 20  # the client's and broker's default max payload
 
 DESCRIPTION = """\
 Measure the service (broker + shards + PHP workers) on the bundled echo
-worker: jobs/s, p50/p99/max latency per job (from submit to reply), and the
-CPU used by the broker, the shards and the PHP workers. Every figure is also a
-ratio of three baselines measured in the same run on the same machine: the
-raw limit of the PHP workers (a minimal blocking driver per worker, no pool
-logic), the in-process shardpool.Pool with the same workers and jobs in
-flight, and one php process per job.
+worker: jobs/s, p50/p99/max latency per job (from submit to reply), the CPU
+used by the broker, the shards and the PHP workers, and their context
+switches per job (how often a process waits to be woken). Every figure is
+also a ratio of three baselines measured in the same run on the same
+machine: the raw limit of the PHP workers (a minimal blocking driver per
+worker, no pool logic), the in-process shardpool.Pool with the same workers
+and jobs in flight, and one php process per job.
 
 Default sweep (about a minute on 2 CPUs): 1 and 2 shards (1 on a single
 CPU) with the same total of PHP workers, one per CPU; 1, 16 and 256 jobs in
