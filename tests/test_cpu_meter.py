@@ -16,7 +16,8 @@ import pytest
 from shardpool.benchmark.cpu import SWITCHES, CpuMeter
 
 BLOCKS = 300
-# Waits for a line on STDIN, then spins or sleeps BLOCKS times, then says so.
+# Waits for a line on STDIN, then spins for 0.3 s of CPU or sleeps BLOCKS times,
+# then says so.
 CHILD = """
 import sys, time
 sys.stdin.readline()
