@@ -501,16 +501,17 @@ class Worker:
             # One allocation; a concatenation costs less than a join.
             transport.write(b"".join((header, context, body)) if context else header + body)
         job.worker = self
+        busy_poll = self.busy_poll
         if not self._pending:
             self.head_since = now = time.monotonic()
-            if self.busy_poll is not None:
-                self.busy_poll.kick(now)
+            if busy_poll is not None:
+                busy_poll.kick(now)
             if job.ttl_seconds is not None:
                 self._arm_ttl(job)
             if state is _READY:
                 self.state = _WORKING
-        elif self.busy_poll is not None:
-            self.busy_poll.saturated()
+        elif busy_poll is not None:
+            busy_poll.saturated()
         self._pending.append(job)
 
     def _refuse(self, job: Job) -> None:
