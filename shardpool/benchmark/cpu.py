@@ -96,9 +96,6 @@ class CpuMeter:
         self._t0 = 0.0
         self.result: dict[str, float] = {}
 
-    def _pids(self) -> list[int]:
-        return [p.pid for procs in self._groups.values() for p in procs]
-
     def start(self) -> None:
         self._t0 = time.perf_counter()
         self._reaped_first = _reaped()
@@ -107,7 +104,12 @@ class CpuMeter:
             name: {p.pid: t for p in procs if (t := _cpu(p)) is not None}
             for name, procs in self._groups.items()
         }
-        self._first_switches = {pid: n for pid in self._pids() if (n := _switches(pid)) is not None}
+        self._first_switches = {
+            p.pid: n
+            for procs in self._groups.values()
+            for p in procs
+            if (n := _switches(p.pid)) is not None
+        }
 
     def stop(self) -> dict[str, float]:
         """Each group's CPU over the window in % of one core (100 = one core busy),
