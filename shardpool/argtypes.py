@@ -58,6 +58,24 @@ def pipeline_depth(text: str) -> int | str:
     return value
 
 
+def cpu_list(text: str) -> list[int]:
+    """CPU numbers as taskset writes them: ``3``, ``0,2`` or ``0-3``, one or more."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, dash, last = part.strip().partition("-")
+            low = int(first)
+            high = int(last) if dash else low
+            if low < 0 or high < low:
+                raise ValueError
+            cpus.update(range(low, high + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected CPU numbers such as 3, 0,2 or 0-3; got {text!r}"
+        ) from None
+    return sorted(cpus)
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)

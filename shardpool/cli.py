@@ -17,6 +17,7 @@ from shardpool import __version__
 from shardpool.argtypes import (
     add_curve_options,
     busy_poll,
+    cpu_list,
     curve_keys,
     non_negative_int,
     pipeline_depth,
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="jobs per worker a shard holds beyond those running (32)",
     )
     serve.add_argument(
+        "--pin-shards",
+        action="store_true",
+        default=None,
+        help="run each shard and its PHP workers on CPUs of their own (see docs/pool.md)",
+    )
+    serve.add_argument(
         "--metrics",
         metavar="ADDR",
         help="serve Prometheus metrics at http://ADDR/metrics: PORT (on loopback) or HOST:PORT",
@@ -141,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=non_negative_int,
         default=32,
         help="jobs per worker held beyond those running",
+    )
+    shard.add_argument(
+        "--cpus",
+        type=cpu_list,
+        metavar="LIST",
+        help="run this shard and its PHP workers only on these CPUs, e.g. 2 or 0-3",
     )
     shard.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     _add_option_flag(shard, "-o max_jobs=100 -o supervisor.exec_ttl=30s (pool keys)")
@@ -212,6 +225,7 @@ def _serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         heartbeat=args.heartbeat,
         prefetch=args.prefetch,
+        pin_shards=args.pin_shards,
         metrics=args.metrics,
         pool=pool,
     )
@@ -275,7 +289,7 @@ def _shard(args: argparse.Namespace) -> int:
     from shardpool.broker.local import pool_from_env
     from shardpool.config import load_config, pool_config, to_builtins
     from shardpool.shard import Shard
-    from shardpool.shard.shard import die_with_parent
+    from shardpool.shard.shard import die_with_parent, pin
 
     if args.parent_pid:
         die_with_parent()
@@ -284,6 +298,8 @@ def _shard(args: argparse.Namespace) -> int:
         data = to_builtins(load_config(args.config).pool) if args.config else {}
         _apply_options(data, [(p[1:] if p[0] == "pool" else p, v) for p, v in args.option])
         config = pool_config(_pool_flags(args, data))
+    if args.cpus:
+        config = pin(args.cpus, config)  # before the pool spawns its workers: they inherit it
     shard = Shard(
         config,
         args.connect,

@@ -28,7 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from shardpool import curve, wire
 from shardpool.broker.control import ControlDesk
-from shardpool.broker.local import BOOT_FAILURES_LIMIT, LocalShard
+from shardpool.broker.local import BOOT_FAILURES_LIMIT, LocalShard, cpu_groups
 from shardpool.broker.metrics import SNAPSHOT_INTERVAL, JobFigures, MetricsServer, figures
 from shardpool.config import ServeConfig
 from shardpool.errors import (
@@ -202,6 +202,9 @@ class Broker:
             self.metrics = MetricsServer(self.config.metrics)
 
     def start_local_shards(self, count: int) -> None:
+        groups: list[list[int] | None] = [None] * count
+        if self.config.pin_shards and count:
+            groups = list(cpu_groups(count, sorted(os.sched_getaffinity(0))))
         for i in range(count):
             shard = LocalShard(
                 f"shard-{i}",
@@ -211,6 +214,7 @@ class Broker:
                 self.config.liveness,
                 self.config.prefetch,
                 curve=self._local_curve,
+                cpus=groups[i],
             )
             shard.spawn()
             self.local[shard.name] = shard

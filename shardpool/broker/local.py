@@ -24,6 +24,26 @@ RESTART_BACKOFF_MAX = 10.0
 CONFIG_ENV = "SHARDPOOL_POOL_CONFIG"
 
 
+def cpu_groups(count: int, allowed: list[int]) -> list[list[int]]:
+    """The CPUs each of ``count`` pinned shards runs on (``pin_shards``).
+
+    The CPUs serve may use are shared out in contiguous, near-equal groups:
+    one shard per CPU on a machine with as many shards as CPUs, a CPU shared
+    by several shards when there are more shards, and several CPUs each when
+    there are fewer (one shard keeps them all).
+    """
+    cpus = sorted(allowed)
+    if count >= len(cpus):
+        return [[cpus[i % len(cpus)]] for i in range(count)]
+    size, extra = divmod(len(cpus), count)
+    groups, start = [], 0
+    for i in range(count):
+        end = start + size + (1 if i < extra else 0)
+        groups.append(cpus[start:end])
+        start = end
+    return groups
+
+
 def pool_from_env() -> PoolConfig | None:
     """In a shard started by serve: the pool config serve handed down, if any."""
     text = os.environ.get(CONFIG_ENV)
@@ -46,8 +66,10 @@ class LocalShard:
         liveness: int,
         prefetch: int = 0,
         curve: str | None = None,
+        cpus: list[int] | None = None,
     ) -> None:
         self.prefetch = prefetch
+        self.cpus = cpus  # pinned to these CPUs, workers included (None: not pinned)
         self.curve = curve  # CURVE keys for the backend, as SHARDPOOL_CURVE carries them
         self.name = name
         self.backend = backend
@@ -79,6 +101,8 @@ class LocalShard:
             "--liveness", str(self.liveness),
             "--prefetch", str(self.prefetch),
         ]  # fmt: skip
+        if self.cpus is not None:
+            argv += ["--cpus", ",".join(map(str, self.cpus))]
         self.proc = subprocess.Popen(
             argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )

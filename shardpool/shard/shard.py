@@ -28,9 +28,9 @@ import msgspec
 import zmq
 
 from shardpool import wire
-from shardpool.config import PoolConfig
+from shardpool.config import Duration, PoolConfig
 from shardpool.curve import CurveKeys, secure_client
-from shardpool.errors import ShardpoolError, UnavailableError
+from shardpool.errors import ConfigError, ShardpoolError, UnavailableError
 from shardpool.payload import Payload
 from shardpool.pool import Pool
 from shardpool.pool.static import AUTO_SLOW_FACTOR
@@ -54,6 +54,30 @@ def die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def pin(cpus: list[int], config: PoolConfig) -> PoolConfig:
+    """Run this process, and the PHP workers it will spawn, only on ``cpus``.
+
+    Call it first thing: threads started later (ZeroMQ's I/O thread) and child
+    processes inherit it. Returns the pool config to use: pinned to one CPU, the
+    shard's loop does not busy-poll, as a spin would only take the CPU its own
+    workers need.
+    """
+    allowed = sorted(os.sched_getaffinity(0))
+    outside = [cpu for cpu in cpus if cpu not in allowed]
+    if outside:
+        raise ConfigError(
+            f"--cpus: CPU {outside[0]} is not one this process may run on "
+            f"(allowed: {','.join(map(str, allowed))})"
+        )
+    os.sched_setaffinity(0, cpus)
+    listed = ",".join(map(str, cpus))
+    if len(cpus) == 1 and config.busy_poll:
+        log.info("pinned to CPU %s with its PHP workers; busy polling off", listed)
+        return msgspec.structs.replace(config, busy_poll=Duration(0.0))
+    log.info("pinned to CPU(s) %s with its PHP workers", listed)
+    return config
 
 
 class Shard:
