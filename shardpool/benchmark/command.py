@@ -52,6 +52,9 @@ Each configuration is measured once: on a busy machine, run it twice.
 in each PHP worker's pipe (default 1: RoadRunner's dispatch); several depths
 are measured side by side. --busy-poll sets the pools' busy polling (default
 50us, 0: off; see docs/pool.md) for the service and the in-process pool.
+--pin-shards runs the service with each shard and its PHP workers on CPUs of
+their own (serve --pin-shards): on virtual machines, where waking another
+CPU is dear, it is often much faster.
 
 --connect measures a running server instead (its own shards and workers;
 the baselines get as many PHP workers); the CPU columns are filled only
@@ -201,6 +204,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DURATION",
         help="the pools' busy_poll, for the service and the pool baseline (default 50us; 0: off)",
     )
+    add(
+        "--pin-shards",
+        action="store_true",
+        help="run the service as serve --pin-shards: each shard and its PHP workers on "
+        "CPUs of their own",
+    )
     add("--duration", type=seconds, metavar="SECONDS", help="per measured run (default 4)")
     add("--worker", type=php_script, metavar="SCRIPT", help="a PHP worker that echoes its job")
     add("--json", type=output_file, metavar="FILE", help="write the results as JSON")
@@ -215,11 +224,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
     parser: argparse.ArgumentParser = args.bench_parser
     if args.connect and (
-        args.shards or args.workers or args.pipeline_depth or args.busy_poll is not None
+        args.shards
+        or args.workers
+        or args.pipeline_depth
+        or args.busy_poll is not None
+        or args.pin_shards
     ):
         parser.error(
-            "--shards, --workers, --pipeline-depth and --busy-poll set up the embedded "
-            "service; with --connect the server's own are measured"
+            "--shards, --workers, --pipeline-depth, --busy-poll and --pin-shards set up the "
+            "embedded service; with --connect the server's own are measured"
         )
     cpus = os.cpu_count() or 1
     duration = args.duration or (QUICK_DURATION if args.quick else DEFAULT_DURATION)
@@ -231,6 +244,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         concurrency=args.concurrency or DEFAULT_CONCURRENCY,
         depths=args.pipeline_depth or ["1"],
         busy_poll=args.busy_poll,
+        pin_shards=args.pin_shards,
         duration=duration,
         warmup=0.1 if args.quick else min(0.5, duration / 4),
         per_job_duration=min(duration, PER_JOB_DURATION),

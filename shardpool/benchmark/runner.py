@@ -58,6 +58,7 @@ class Step:
     shards: int = 0  # service only
     address: str = ""  # service with --connect only
     depth: str = "1"  # pipeline depth of the pool and the service: "1".."64" or "auto"
+    pinned: bool = False  # service only: serve --pin-shards
 
     @property
     def label(self) -> str:
@@ -71,16 +72,18 @@ class Step:
         if self.kind is Kind.POOL:
             return f"in-process Pool, {self.workers} PHP{depth}"
         per = self.workers // self.shards
-        return f"serve {self.shards} shard{'s' if self.shards > 1 else ''} × {per} PHP{depth}"
+        pinned = ", pinned" if self.pinned else ""
+        plural = "s" if self.shards > 1 else ""
+        return f"serve {self.shards} shard{plural} × {per} PHP{depth}{pinned}"
 
     def describe(self) -> str:
         return f"{self.label}, {self.concurrency} in flight, {size_label(self.size)}"
 
     @property
-    def service_key(self) -> tuple[int, int, str] | None:
+    def service_key(self) -> tuple[int, int, str, bool] | None:
         if self.kind is not Kind.SERVICE or self.address:
             return None
-        return self.shards, self.workers // self.shards, self.depth
+        return self.shards, self.workers // self.shards, self.depth, self.pinned
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Settings:
     connect: str | None = None
     depths: list[str] = field(default_factory=lambda: ["1"])  # pipeline depths
     busy_poll: float | None = None  # the pools' busy_poll (None: their default)
+    pin_shards: bool = False  # serve --pin-shards for the embedded service
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
@@ -110,6 +114,7 @@ class Settings:
             "concurrency": self.concurrency,
             "pipeline_depths": self.depths,
             "busy_poll": self.busy_poll,
+            "pin_shards": self.pin_shards,
             "duration": self.duration,
             "warmup": self.warmup,
             "per_job_duration": self.per_job_duration,
@@ -137,9 +142,11 @@ def plan(settings: Settings, server: ServiceInfo | None = None) -> list[Step]:
                 ]
     for depth in depths:
         for shards, total, address in targets:
+            # One shard keeps every CPU: pinned or not, it runs the same.
+            pin = settings.pin_shards and shards > 1 and not address
             for size in settings.sizes:
                 for c in settings.concurrency:
-                    steps.append(Step(Kind.SERVICE, size, c, total, shards, address, depth))
+                    steps.append(Step(Kind.SERVICE, size, c, total, shards, address, depth, pin))
     return steps
 
 
@@ -196,7 +203,7 @@ class Runner:
         self.server = server
         self.results: list[Result] = []
         self._service: EmbeddedService | None = None
-        self._service_key: tuple[int, int, str] | None = None
+        self._service_key: tuple[int, int, str, bool] | None = None
         self._info: ServiceInfo | None = server
 
     def run(self, steps: list[Step], progress: Progress) -> None:
@@ -237,7 +244,7 @@ class Runner:
             return self._info
         if key != self._service_key or self._info is None:
             self.close()
-            shards, per_shard, depth = key
+            shards, per_shard, depth, pinned = key
             service = EmbeddedService(
                 shards=shards,
                 workers=per_shard,
@@ -250,6 +257,7 @@ class Runner:
                         if self.settings.busy_poll is not None
                         else []
                     ),
+                    *(["--pin-shards"] if pinned else []),
                 ],
             )
             self._service, self._service_key = service, key
