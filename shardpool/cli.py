@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--prefetch",
         type=non_negative_int,
-        help="jobs per worker a shard holds beyond those running (32)",
+        help="jobs per worker a shard holds beyond those running (128)",
     )
     serve.add_argument(
         "--pin-shards",
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument(
         "--prefetch",
         type=non_negative_int,
-        default=32,
+        default=128,
         help="jobs per worker held beyond those running",
     )
     shard.add_argument(

@@ -185,7 +185,7 @@ class ServeConfig(_Base):
     # Jobs per worker a shard may hold beyond those it can start at once, so its
     # PHP workers never wait for a round trip to the broker; a shard whose workers
     # are all stuck on slow jobs hands them back (docs/pool.md). 0: strict credit.
-    prefetch: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 32
+    prefetch: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 128
     # Pin each shard serve starts, with its PHP workers, to its own CPU(s), so a
     # shard and its workers hand jobs to each other on one CPU: cheap where waking
     # another CPU is dear (virtual machines). Off by default: pinned, the kernel
