@@ -7,6 +7,7 @@ and real baselines, just briefly.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import selectors
 import signal
@@ -139,6 +140,46 @@ def test_busy_poll_setting_reaches_the_service_and_the_pool_baseline(
     assert all(c["jobs"] > 0 for c in doc["configurations"])
 
 
+def test_pin_shards_runs_the_service_pinned_and_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = bench(
+        "--quick", "--duration", "0.2", "--concurrency", "16", "--shards", "1,2",
+        "--workers", "1", "--pin-shards", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr  # serve took --pin-shards
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["pin_shards"] is True
+    # one shard keeps every CPU: only the 2-shard rows run pinned
+    got = {(c["shards"], c["pinned"], c["label"]) for c in doc["configurations"]}
+    assert got == {
+        (1, False, "serve 1 shard × 1 PHP"),
+        (2, True, "serve 2 shards × 1 PHP, pinned"),
+    }
+    assert all(c["jobs"] > 0 for c in doc["configurations"])
+    rows = {r["configuration"] for r in table_rows(result.stdout)}
+    assert "serve 2 shards × 1 PHP, pinned" in rows
+
+
+def test_a_server_that_stops_answering_fails_the_run_in_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shardpool.benchmark import service as measuring
+    from shardpool.benchmark.limit import BenchmarkError
+
+    hang = str(ROOT / "workers" / "hang_after_first.php")
+    args = ("--shards", "1", "--workers", "1", "--worker", hang, "-o", "drain_timeout=0.5s")
+    server = Service(tmp_path, *args)
+    try:
+        info = measuring.inspect_service(server.address)
+        monkeypatch.setattr(measuring, "JOB_TIMEOUT", 0.5)
+        started = time.monotonic()
+        with pytest.raises(BenchmarkError, match=r"left jobs unanswered 0\.5 s after the run"):
+            asyncio.run(measuring.measure_service(info, 2, 16, 0.2, 0.0))
+        assert time.monotonic() - started < 10
+    finally:
+        server.stop()
+
+
 def test_connect_measures_a_running_server(tmp_path: Path) -> None:
     service = Service(tmp_path, "--shards", "1", "--workers", "2")
     try:
@@ -176,6 +217,7 @@ def test_connect_measures_a_running_server(tmp_path: Path) -> None:
         ["--connect", "tcp://127.0.0.1:1", "--pipeline-depth", "4"],
         ["--busy-poll", "1s"],
         ["--connect", "tcp://127.0.0.1:1", "--busy-poll", "0"],
+        ["--connect", "tcp://127.0.0.1:1", "--pin-shards"],
     ],
 )
 def test_bad_arguments_give_a_one_line_error(args: list[str]) -> None:

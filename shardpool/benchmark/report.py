@@ -247,6 +247,7 @@ def _figures(r: Result) -> dict[str, Any]:
     if s.kind is Kind.SERVICE:
         doc["shards"] = s.shards
         doc["address"] = s.address or None
+        doc["pinned"] = s.pinned
     if s.kind in (Kind.SERVICE, Kind.POOL) and not s.address:
         doc["pipeline_depth"] = s.depth
     doc.update(
