@@ -299,7 +299,7 @@ def _shard(args: argparse.Namespace) -> int:
         _apply_options(data, [(p[1:] if p[0] == "pool" else p, v) for p, v in args.option])
         config = pool_config(_pool_flags(args, data))
     if args.cpus:
-        config = pin(args.cpus, config)  # before the pool spawns its workers: they inherit it
+        pin(args.cpus, config)  # before the pool spawns its workers: they inherit it
     shard = Shard(
         config,
         args.connect,

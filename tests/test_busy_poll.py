@@ -10,9 +10,11 @@ costs no CPU. The adaptation itself is driven by hand on a real event loop
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
+import pytest
 from conftest import async_test, php
 
 from shardpool import Payload, Pool, PoolConfig, pool_config
@@ -26,6 +28,9 @@ from shardpool.worker.busypoll import (
 )
 
 LONGEST = "10ms"  # the largest busy_poll: what a spin that never adapted would cost
+ALLOWED = os.sched_getaffinity(0)
+# A pool on one CPU does not poll (test_a_pool_that_may_run_on_one_cpu_does_not_poll).
+needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="a pool on one CPU does not poll")
 
 
 def config(**options: Any) -> PoolConfig:
@@ -34,6 +39,7 @@ def config(**options: Any) -> PoolConfig:
     return pool_config(command=php("commands.php"), **options)
 
 
+@needs_two_cpus
 @async_test()
 async def test_a_pool_polls_by_default_and_0_turns_it_off() -> None:
     async with Pool(config()) as on, Pool(config(busy_poll=0)) as off:
@@ -47,6 +53,7 @@ async def test_a_pool_polls_by_default_and_0_turns_it_off() -> None:
         assert shared.spins >= 1
 
 
+@needs_two_cpus
 @async_test()
 async def test_workers_of_a_pool_share_one_poller_and_every_job_is_answered() -> None:
     async with Pool(config(num_workers=3, busy_poll="50us")) as pool:
@@ -56,6 +63,7 @@ async def test_workers_of_a_pool_share_one_poller_and_every_job_is_answered() ->
         assert len({id(w.busy_poll) for w in pool._workers}) == 1
 
 
+@needs_two_cpus
 @async_test()
 async def test_a_pool_waiting_on_slow_jobs_stops_polling() -> None:
     # 30 jobs of 20 ms one after another. A spin of 10 ms that never adapted
@@ -71,6 +79,7 @@ async def test_a_pool_waiting_on_slow_jobs_stops_polling() -> None:
     assert spent < 0.15, f"the pool's process spent {spent:.3f}s of CPU on 30 slow jobs"
 
 
+@needs_two_cpus
 @async_test()
 async def test_many_workers_on_slow_jobs_stop_polling_though_replies_come_often() -> None:
     # 4 workers on 40 ms jobs, started 10 ms apart: a reply comes every 10 ms,
@@ -90,6 +99,7 @@ async def test_many_workers_on_slow_jobs_stop_polling_though_replies_come_often(
     assert spent < 0.15, f"the pool's process spent {spent:.3f}s of CPU on 40 slow jobs"
 
 
+@needs_two_cpus
 @async_test()
 async def test_an_idle_pool_stops_polling() -> None:
     async with Pool(config(busy_poll=LONGEST)) as pool:
@@ -104,6 +114,23 @@ async def test_an_idle_pool_stops_polling() -> None:
         await asyncio.sleep(0.3)  # idle, measured: not a synchronisation
         spent = time.process_time() - cpu
     assert spent < 0.1, f"an idle pool spent {spent:.3f}s of CPU in 0.3s"
+
+
+@needs_two_cpus
+def test_a_pool_that_may_run_on_one_cpu_does_not_poll() -> None:
+    # On one CPU the reply a spin waits for needs that very CPU: no spin.
+    os.sched_setaffinity(0, {min(ALLOWED)})
+    try:
+
+        @async_test()
+        async def run() -> None:
+            async with Pool(config(busy_poll=LONGEST)) as pool:
+                assert (await pool.exec(b"echo:one")).body == b"one"
+                assert [w.busy_poll for w in pool._workers] == [None]
+
+        run()
+    finally:
+        os.sched_setaffinity(0, ALLOWED)
 
 
 # ------------------------------------------------- the adaptation, by hand

@@ -39,7 +39,7 @@ from shardpool.payload import Payload
 from shardpool.pool.allocator import DynamicAllocator
 from shardpool.pool.lifecycle import REASON_BY_STATE, Lifecycle
 from shardpool.pool.supervisor import Supervisor, rss_bytes
-from shardpool.worker.busypoll import BusyPoll
+from shardpool.worker.busypoll import BusyPoll, may_spin
 from shardpool.worker.fdlimit import make_room_for
 from shardpool.worker.state import MARKS, WorkerState
 from shardpool.worker.worker import Job, Worker, check_payload, stream_chunks
@@ -237,7 +237,7 @@ class Pool:
         if self._started:
             raise ShardpoolError("the pool is already started")
         self._loop = asyncio.get_running_loop()
-        if self.config.busy_poll:
+        if self.config.busy_poll and may_spin():
             self._busy_poll = BusyPoll(self._loop, float(self.config.busy_poll))
         self._changed = asyncio.Event()
         self._started = True

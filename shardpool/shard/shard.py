@@ -28,13 +28,14 @@ import msgspec
 import zmq
 
 from shardpool import wire
-from shardpool.config import Duration, PoolConfig
+from shardpool.config import PoolConfig
 from shardpool.curve import CurveKeys, secure_client
 from shardpool.errors import ConfigError, ShardpoolError, UnavailableError
 from shardpool.payload import Payload
 from shardpool.pool import Pool
 from shardpool.pool.static import AUTO_SLOW_FACTOR
 from shardpool.wire import EVENTS, NOBLOCK, POLLIN
+from shardpool.worker.busypoll import may_spin
 
 log = logging.getLogger("shardpool.shard")
 
@@ -56,13 +57,12 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def pin(cpus: list[int], config: PoolConfig) -> PoolConfig:
+def pin(cpus: list[int], config: PoolConfig) -> None:
     """Run this process, and the PHP workers it will spawn, only on ``cpus``.
 
     Call it first thing: threads started later (ZeroMQ's I/O thread) and child
-    processes inherit it. Returns the pool config to use: pinned to one CPU, the
-    shard's loop does not busy-poll, as a spin would only take the CPU its own
-    workers need.
+    processes inherit it. Pinned to one CPU, the pool will not busy-poll
+    (:func:`~shardpool.worker.busypoll.may_spin`).
     """
     allowed = sorted(os.sched_getaffinity(0))
     outside = [cpu for cpu in cpus if cpu not in allowed]
@@ -73,11 +73,10 @@ def pin(cpus: list[int], config: PoolConfig) -> PoolConfig:
         )
     os.sched_setaffinity(0, cpus)
     listed = ",".join(map(str, cpus))
-    if len(cpus) == 1 and config.busy_poll:
+    if config.busy_poll and not may_spin():
         log.info("pinned to CPU %s with its PHP workers; busy polling off", listed)
-        return msgspec.structs.replace(config, busy_poll=Duration(0.0))
-    log.info("pinned to CPU(s) %s with its PHP workers", listed)
-    return config
+    else:
+        log.info("pinned to CPU(s) %s with its PHP workers", listed)
 
 
 class Shard:

@@ -18,7 +18,8 @@ preempting while it polls is taking time that runnable PHP workers need
 (more workers than cores, say), so spinning pauses for 50 ms, then tries
 again.
 
-A pool makes one BusyPoll for its workers (``busy_poll`` in its config). A
+A pool makes one BusyPoll for its workers (``busy_poll`` in its config),
+unless its process may run on one CPU only (:func:`may_spin`). A
 program driving a lone :class:`~shardpool.worker.worker.Worker` can give it
 one: ``worker.busy_poll = BusyPoll(asyncio.get_running_loop(), 50e-6)``.
 """
@@ -26,6 +27,7 @@ one: ``worker.busy_poll = BusyPoll(asyncio.get_running_loop(), 50e-6)``.
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
 import time
 
@@ -46,6 +48,14 @@ _RUSAGE = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
 #: a spin of the limit would (nearly) have caught it: the time measured
 #: includes the wake-up that spinning would have saved.
 GROW_SLACK = 2.0
+
+
+def may_spin() -> bool:
+    """Whether spinning can pay in this thread: only if it may run on more than
+    one CPU. On one CPU (``taskset``, a cpuset, a pinned shard) the reply a spin
+    waits for needs that very CPU, so the spin only delays it."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return affinity is None or len(affinity(0)) > 1
 
 
 class BusyPoll:
