@@ -202,9 +202,8 @@ class Broker:
             self.metrics = MetricsServer(self.config.metrics)
 
     def start_local_shards(self, count: int) -> None:
-        groups: list[list[int] | None] = [None] * count
-        if self.config.pin_shards and count:
-            groups = list(cpu_groups(count, sorted(os.sched_getaffinity(0))))
+        pin = self.config.pin_shards
+        groups = cpu_groups(count, list(os.sched_getaffinity(0))) if pin else []
         for i in range(count):
             shard = LocalShard(
                 f"shard-{i}",
@@ -214,7 +213,7 @@ class Broker:
                 self.config.liveness,
                 self.config.prefetch,
                 curve=self._local_curve,
-                cpus=groups[i],
+                cpus=groups[i] if groups else None,
             )
             shard.spawn()
             self.local[shard.name] = shard

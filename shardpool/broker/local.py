@@ -33,6 +33,8 @@ def cpu_groups(count: int, allowed: list[int]) -> list[list[int]]:
     there are fewer (one shard keeps them all).
     """
     cpus = sorted(allowed)
+    if count <= 0:
+        return []
     if count >= len(cpus):
         return [[cpus[i % len(cpus)]] for i in range(count)]
     size, extra = divmod(len(cpus), count)
