@@ -100,33 +100,31 @@ def _bare_shard(backend: str, credit: int) -> None:
     queue: collections.deque[tuple[int, bytes]] = collections.deque()
     out: list[tuple[int, bytes]] = []
     held = 0
-    while True:
-        if not queue:
-            if out:
+    try:
+        while True:
+            # Wait for jobs only when none are held; else take whatever has come.
+            while not queue or int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
+                if not queue and out:
+                    sock.send(_enc(out))
+                    out = []
+                jobs = _dec(sock.recv())
+                if jobs is None:  # the end
+                    return
+                queue.extend(jobs)
+                held += len(jobs)
+            job_id, body = queue.popleft()
+            os.write(wfd, encode_job(body))
+            frames = decoder.feed(os.read(rfd, 65536))
+            while not frames:
+                frames = decoder.feed(os.read(rfd, 65536))
+            out.append((job_id, frames[0].payload))
+            held -= 1
+            if len(out) >= held:  # half of what it held has answered: send them back
                 sock.send(_enc(out))
                 out = []
-            jobs = _dec(sock.recv())
-            if jobs is None:  # the end
-                break
-            queue.extend(jobs)
-            held += len(jobs)
-        while int(sock.get(zmq.EVENTS)) & zmq.POLLIN and (jobs := _dec(sock.recv())):
-            queue.extend(jobs)
-            held += len(jobs)
-        if jobs is None:
-            break
-        job_id, body = queue.popleft()
-        os.write(wfd, encode_job(body))
-        frames = decoder.feed(os.read(rfd, 65536))
-        while not frames:
-            frames = decoder.feed(os.read(rfd, 65536))
-        out.append((job_id, frames[0].payload))
-        held -= 1
-        if len(out) >= held:  # half of what it held has answered: send them back
-            sock.send(_enc(out))
-            out = []
-    php.kill()
-    php.wait()
+    finally:
+        php.kill()
+        php.wait()
 
 
 def _bare_broker(frontend: str, backend: str, shards: int) -> None:
