@@ -167,6 +167,30 @@ async def test_echo_of_a_64_kib_body(relay: str) -> None:
 
 
 @async_test(timeout=20)
+async def test_echo_of_more_distinct_sizes_than_php_caches_headers_for(relay: str) -> None:
+    # The PHP library caches 1024 headers each way, then starts over: every
+    # size must still come back whole, before and after the cache is cleared.
+    jobs = [Payload(b"b" * n, b"c" * (n % 5)) for n in range(1, 1300)]
+    async with relay_factory(relay) as factory, spawned(factory, "echo.php") as worker:
+        for payload in jobs + jobs[:50]:
+            reply = await worker.exec(payload)
+            assert (reply.body, reply.context) == (payload.body, payload.context)
+
+
+def test_php_refuses_a_corrupt_header_after_the_same_header_intact() -> None:
+    # Checked headers are cached by their bytes: a corrupt one is not a hit.
+    good = encode_job(b"x" * 16)
+    bad = bytearray(good)
+    bad[7] ^= 0xFF  # a CRC byte
+    done = subprocess.run(
+        php("echo.php"), input=good + good + bytes(bad), capture_output=True, timeout=WAIT
+    )
+    assert done.returncode != 0
+    assert b"header CRC mismatch" in done.stderr
+    assert done.stdout.count(b"x" * 16) == 2
+
+
+@async_test(timeout=20)
 async def test_echo_of_an_8_mib_body(relay: str) -> None:
     body = os.urandom(8 * 1024 * 1024)
     async with relay_factory(relay) as factory, spawned(factory, "echo.php") as worker:

@@ -42,6 +42,16 @@ final class Frame
     public const PING = 0x04;
     public const PONG = 0x08;
 
+    /** Distinct headers kept (made or checked), each way; the cache starts over when full. */
+    private const CACHE_SIZE = 1024;
+    /** Payloads and contexts shorter than this have their headers cached. */
+    private const CACHED_LENGTH = 1 << 20;
+
+    /** @var array<int, string> */
+    private static array $headers = [];
+    /** @var array<string, array{int, int, int, int}> */
+    private static array $parsed = [];
+
     /** @param int[] $options */
     public function __construct(
         public string $payload = '',
@@ -60,6 +70,25 @@ final class Frame
      */
     public static function header(int $flags, int $byte10, array $options, int $length): string
     {
+        // Replies mostly repeat a few sizes: their headers are made once.
+        if (\count($options) === 1 && $length < self::CACHED_LENGTH && $options[0] < self::CACHED_LENGTH) {
+            $key = (((($length << 20) | $options[0]) << 8) | $flags) << 8 | $byte10;
+            $header = self::$headers[$key] ?? null;
+            if ($header === null) {
+                if (\count(self::$headers) >= self::CACHE_SIZE) {
+                    self::$headers = [];
+                }
+                $header = self::$headers[$key] = self::makeHeader($flags, $byte10, $options, $length);
+            }
+            return $header;
+        }
+
+        return self::makeHeader($flags, $byte10, $options, $length);
+    }
+
+    /** @param int[] $options */
+    private static function makeHeader(int $flags, int $byte10, array $options, int $length): string
+    {
         $count = \count($options);
         if ($count > self::MAX_OPTIONS) {
             throw new FrameException("goridge: at most 10 options per frame, got $count");
@@ -76,6 +105,21 @@ final class Frame
      * @return array{int, int, int, int} [flags, payload length, byte10, option count]
      */
     public static function parseHeader(string $header): array
+    {
+        // Jobs mostly repeat a few sizes: each distinct header is checked once.
+        $parsed = self::$parsed[$header] ?? null;
+        if ($parsed !== null) {
+            return $parsed;
+        }
+        if (\count(self::$parsed) >= self::CACHE_SIZE) {
+            self::$parsed = [];
+        }
+
+        return self::$parsed[$header] = self::checkHeader($header);
+    }
+
+    /** @return array{int, int, int, int} */
+    private static function checkHeader(string $header): array
     {
         $version = \ord($header[0]) >> 4;
         if ($version !== self::VERSION) {

@@ -94,6 +94,9 @@ abstract class StreamRelay implements Relay
     {
         $total = \strlen($bytes);
         $done = \fwrite($this->out, $bytes);
+        if ($done === $total) {
+            return;
+        }
         // fwrite may write less than asked (sockets): keep going with the rest.
         while ($done !== false && $done > 0 && $done < $total) {
             $more = \fwrite($this->out, \substr($bytes, $done));
@@ -110,7 +113,14 @@ abstract class StreamRelay implements Relay
      */
     private function read(int $n, bool $eofOk = false): ?string
     {
-        $data = '';
+        // Usually all of it is buffered already: one call, no concatenation.
+        $data = \stream_get_contents($this->in, $n);
+        if ($data === false) {
+            throw new RelayException('goridge: read failed');
+        }
+        if (\strlen($data) === $n) {
+            return $data;
+        }
         while (($missing = $n - \strlen($data)) > 0) {
             // Allocates once and loops over short reads itself (much faster than fread for big payloads).
             $chunk = \stream_get_contents($this->in, $missing);

@@ -42,7 +42,7 @@ final class Worker
     public function waitPayload(): ?Payload
     {
         while (true) {
-            $frame = \array_shift($this->pending) ?? $this->relay->waitFrame();
+            $frame = $this->pending ? \array_shift($this->pending) : $this->relay->waitFrame();
             if ($frame === null) {
                 exit(0); // server closed the channel between frames: nothing left to do
             }
