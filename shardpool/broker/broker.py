@@ -53,23 +53,21 @@ class ServeError(ShardpoolError):
     """``serve`` cannot go on (a shard fails at boot over and over)."""
 
 
-class _Pending:
-    """A job the broker accepted: who asked, and where it runs.
+class _Pending(msgspec.Struct):
+    """A job the broker accepted: who asked, and when.
 
     ``job`` is the client's own record, reused for the shard: its ``id``
-    becomes the broker's and its ``timeout`` what is left of the deadline.
+    becomes the broker's (``iid``; ``cid`` keeps the client's) and its
+    ``timeout`` what is left of the deadline. A struct, not a class with
+    ``__init__``: made once per job, at half the cost.
     """
 
-    __slots__ = ("cid", "client", "deadline", "iid", "job", "shard", "t0")
-
-    def __init__(self, iid: int, client: bytes, job: wire.Job, deadline: float, now: float) -> None:
-        self.iid = iid
-        self.t0 = now
-        self.client = client
-        self.cid = job.id
-        self.job = job
-        self.deadline = deadline
-        self.shard: ShardState | None = None
+    iid: int
+    client: bytes
+    cid: int
+    job: wire.Job
+    deadline: float  # on the broker's clock; 0: none
+    t0: float  # when it was accepted
 
 
 class ShardState:
@@ -373,9 +371,9 @@ class Broker:
                 continue
             if timeout:
                 self._deadlines += 1
-                append(_Pending(iid, client, job, now + timeout, now))
+                append(_Pending(iid, client, job.id, job, now + timeout, now))
             else:
-                append(_Pending(iid, client, job, 0.0, now))
+                append(_Pending(iid, client, job.id, job, 0.0, now))
             job.id = iid
             iid += 1
         self._next_iid = iid
@@ -498,8 +496,12 @@ class Broker:
     def _shard_replies(self, shard: ShardState, replies: list[wire.Reply]) -> None:
         in_flight = shard.in_flight
         now = time.monotonic()
-        jobs, reply_to = self.jobs, self.reply
-        done = 0
+        out = self.out_clients
+        took: list[float] = []  # seconds from acceptance, per terminal reply
+        failed: list[str] = []  # the codes of the terminal replies that are errors
+        # A message's replies mostly go to one client: look its batch up once.
+        client: bytes | None = None
+        batch: list[wire.Reply] = []
         for reply in replies:
             more = reply.more
             pending = in_flight.get(reply.id) if more else in_flight.pop(reply.id, None)
@@ -507,12 +509,17 @@ class Broker:
                 self.control.on_reply(shard, reply)
                 continue
             if not more:
-                done += 1
-                jobs.observe(reply.code, now - pending.t0)
+                took.append(now - pending.t0)
+                if reply.code:
+                    failed.append(reply.code)
             reply.id = pending.cid
-            reply_to(pending.client, reply)
-        if done:
-            shard.jobs_done += done
+            if pending.client is not client:
+                client = pending.client
+                batch = out.get(client) or out.setdefault(client, [])
+            batch.append(reply)
+        if took:
+            self.jobs.observe_runs(took, failed)
+            shard.jobs_done += len(took)
             shard.limit = shard.capacity  # it moves again: full credit
 
     def _returned(self, shard: ShardState, ids: list[int]) -> None:
@@ -523,7 +530,6 @@ class Broker:
             pending = shard.in_flight.pop(iid, None)
             if pending is None:
                 continue  # not one of its jobs (or already answered): nothing to do
-            pending.shard = None
             if pending.deadline:
                 self._deadlines += 1
             back.append(pending)
@@ -618,7 +624,6 @@ class Broker:
                         self._expire(pending)
                         continue
                     job.timeout = pending.deadline - now
-                pending.shard = shard
                 in_flight[pending.iid] = pending
                 batch.append(job)
                 share -= 1

@@ -62,6 +62,19 @@ class JobFigures:
         self.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
         self.duration_sum += seconds
 
+    def observe_runs(self, took: list[float], failed: list[str]) -> None:
+        """Terminal replies from shards: how long each took, and the codes of those
+        that are errors (the rest are ``ok``). One call per message, not per job."""
+        buckets, bounds = self.buckets, BUCKETS
+        for seconds in took:
+            buckets[bisect.bisect_left(bounds, seconds)] += 1
+        self.duration_sum += sum(took)
+        outcomes = self.outcomes
+        if len(took) > len(failed):
+            outcomes["ok"] += len(took) - len(failed)
+        for code in failed:
+            outcomes[code] += 1
+
     def histogram(self) -> dict[str, Any]:
         cumulative: list[list[Any]] = []
         total = 0
