@@ -490,6 +490,21 @@ def test_to_payload_takes_bytes_or_a_payload() -> None:
         to_payload(Payload(b"b"), b"c")
 
 
+def test_submit_bytes_sends_what_exec_is_given_and_refuses_the_rest(core: ClientCore) -> None:
+    a = core.submit_bytes(b"body", b"ctx")
+    b = core.submit_bytes(Payload(b"pb", b"pc"))
+    assert sent(core) == [
+        wire.Submit(jobs=[wire.Job(a.id, b"body", b"ctx"), wire.Job(b.id, b"pb", b"pc")])
+    ]
+    with pytest.raises(TypeError, match="encode text"):
+        core.submit_bytes("text")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="encode text"):
+        core.submit_bytes(b"body", "text")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="not both"):
+        core.submit_bytes(Payload(b"b"), b"c")
+    assert core.in_flight == 2  # nothing refused was registered
+
+
 # -- map ---------------------------------------------------------------------------
 
 

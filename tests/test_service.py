@@ -235,6 +235,36 @@ def test_job_queued_past_its_deadline_times_out_and_never_runs(service: Service,
 
 
 @pytest.mark.parametrize(
+    "service",
+    [("--shards", "1", "--workers", "1", "--prefetch", "0", "--worker", COMMANDS)],
+    indirect=True,
+)
+def test_a_cancelled_exec_is_dropped_from_the_broker_queue_and_never_runs(
+    service: Service,
+) -> None:
+    async def queued(client: AsyncClient) -> None:
+        deadline = time.monotonic() + 10
+        while (await client.stats())["queue"] < 1:
+            assert time.monotonic() < deadline, "the second job never reached the broker's queue"
+
+    async def scenario() -> None:
+        async with AsyncClient(service.address, timeout=10) as client:
+            slow = asyncio.ensure_future(client.exec(b"sleep:500"))
+            waiting = asyncio.ensure_future(client.exec(b"echo:never"))
+            await queued(client)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert (await client.stats())["queue"] == 0  # the cancel came before the stats
+            assert (await slow).body == b"slept"
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    with Client(service.address, timeout=10) as client:
+        (workers,) = client.workers().values()
+        assert sum(w["jobs"] for w in workers) == 1  # the slow one; the cancelled one never ran
+
+
+@pytest.mark.parametrize(
     "service", [("--shards", "2", "--workers", "1", "--worker", COMMANDS)], indirect=True
 )
 @pytest.mark.parametrize("kind", ["exec", "stream"])

@@ -88,9 +88,19 @@ class AsyncClient(_ClientBase):
     async def exec(self, body: Body, context: bytes = b"", timeout: float | None = None) -> Payload:
         """Run one job and return its reply; an error reply raises its typed error."""
         self._open()
-        request = self._core.submit(to_payload(body, context), timeout=timeout)
+        request = self._core.submit_bytes(body, context, timeout)
         self._schedule_flush()
-        await self._wait(request)
+        # _wait, inlined: one coroutine less per job.
+        loop = self._loop
+        assert loop is not None
+        try:
+            while not request.done:
+                future: asyncio.Future[None] = loop.create_future()
+                request.waker = functools.partial(_resolve, future)
+                await future
+        except BaseException:
+            self._cancel(request)
+            raise
         return request.result()
 
     async def stream(

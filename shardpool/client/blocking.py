@@ -62,7 +62,7 @@ class Client(_ClientBase):
 
     def exec(self, body: Body, context: bytes = b"", timeout: float | None = None) -> Payload:
         """Run one job and return its reply; an error reply raises its typed error."""
-        request = self._core.submit(to_payload(body, context), timeout=timeout)
+        request = self._core.submit_bytes(body, context, timeout)
         self._wait(request)
         return request.result()
 

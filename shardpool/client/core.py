@@ -291,7 +291,16 @@ class ClientCore:
         the request fails with :class:`UnavailableError` ``grace`` seconds
         after it if no terminal reply came.
         """
-        size = len(payload.body) + len(payload.context)
+        return self.submit_bytes(payload.body, payload.context, timeout, stream)
+
+    def submit_bytes(
+        self, body: Body, context: bytes = b"", timeout: float | None = None, stream: bool = False
+    ) -> Request:
+        """:meth:`submit` for a job given as in ``exec``: bytes and a context, or a Payload."""
+        if type(body) is not bytes or type(context) is not bytes:  # others: checked, converted
+            payload = to_payload(body, context)
+            body, context = payload.body, payload.context
+        size = len(body) + len(context)
         if size > self.max_payload:
             raise BadRequestError(
                 f"job of {size} bytes exceeds max_payload ({self.max_payload}); "
@@ -299,7 +308,7 @@ class ClientCore:
             )
         timeout = self._timeout(timeout)
         request = self._register(_STREAM if stream else _JOB, timeout)
-        job = wire.Job(request.id, payload.body, payload.context, stream=stream)
+        job = wire.Job(request.id, body, context, stream=stream)
         if timeout is not None:  # else the default stays, and off the wire
             job.timeout = timeout
         self._jobs[request.id] = job
@@ -388,8 +397,16 @@ class ClientCore:
             return
         self._last_heard = self.clock()
         self._ping_at = None
+        requests, jobs = self._requests, self._jobs
         for reply in message.replies:
-            self._route(reply)
+            # A job's result, most replies: _route's last branch, inlined.
+            request = requests.get(reply.id)
+            if request is None or request.kind is not _JOB or reply.code or reply.more:
+                self._route(reply)
+                continue
+            del requests[reply.id]
+            jobs.pop(reply.id, None)
+            request._finish(Payload(reply.body, reply.ctx))
 
     def _route(self, reply: wire.Reply) -> None:
         request = self._requests.get(reply.id)
@@ -498,15 +515,14 @@ class ClientCore:
         return self.timeout if timeout is None else _check_timeout(timeout)
 
     def _register(self, kind: Kind, timeout: float | None) -> Request:
-        now = self.clock()
         requests = self._requests
         if not requests:
-            self._last_heard = now  # silence counts from when we start waiting
+            self._last_heard = self.clock()  # silence counts from when we start waiting
             self._ping_at = None
         rid = next(self._ids)
         deadline = None
         if timeout is not None:
-            deadline = now + timeout + self.grace
+            deadline = self.clock() + timeout + self.grace
             self._deadlines.add(timeout, deadline, rid, requests)
         request = requests[rid] = Request(rid, kind, timeout, deadline)
         return request
