@@ -19,8 +19,9 @@ in this machine's noise; measured apart, each is steady:
   other CPU); the client runs on one CPU and counts its own CPU time, its
   ZeroMQ thread included.
 
-Each figure is the median of ``--repeat`` runs. To compare two versions, run
-it from a checkout of each (the PHP worker is the one the checkout bundles).
+Each figure is the median of ``--repeat`` runs. To compare with another
+version, run it with ``PYTHONPATH`` pointing at a checkout of that version
+(the PHP worker measured is then the one that checkout bundles).
 
     .venv/bin/python bench/hop_costs.py [--parts php,broker,client]
 """
