@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -210,6 +211,21 @@ def limit_run(
     if match is None:
         raise RuntimeError(f"unexpected gbench output: {out!r}")
     return Run(float(match[1]), float(match[2]), float(match[3]))
+
+
+def names_of(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse type: ``a,b`` -> ``["a", "b"]``, each one of ``allowed``."""
+
+    def parse(text: str) -> list[str]:
+        found = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [part for part in found if part not in allowed]
+        if unknown or not found:
+            raise argparse.ArgumentTypeError(
+                f"expected some of {', '.join(allowed)}, comma-separated; got {text!r}"
+            )
+        return found
+
+    return parse
 
 
 def machine() -> str:

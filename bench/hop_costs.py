@@ -44,7 +44,7 @@ from pathlib import Path
 
 import uvloop
 import zmq
-from common import machine, table
+from common import machine, names_of, table
 
 from shardpool import wire
 from shardpool.argtypes import positive_int
@@ -212,20 +212,11 @@ def client_cpu(concurrency: int, duration: float) -> float:
 # -- main --------------------------------------------------------------------------
 
 
-def parts(text: str) -> list[str]:
-    """``php,client`` -> the parts to measure, each one of :data:`PARTS`."""
-    found = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [part for part in found if part not in PARTS]
-    if unknown or not found:
-        raise argparse.ArgumentTypeError(
-            f"expected some of {', '.join(PARTS)}, comma-separated; got {text!r}"
-        )
-    return found
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", type=parts, default=list(PARTS), help="what to measure")
+    parser.add_argument(
+        "--parts", type=names_of(PARTS), default=list(PARTS), help="what to measure"
+    )
     parser.add_argument("--repeat", type=positive_int, default=3, help="runs per figure")
     parser.add_argument("--batch", type=positive_int, default=48, help="jobs per broker message")
     parser.add_argument(

@@ -32,7 +32,7 @@ import subprocess
 import sys
 
 import uvloop
-from common import ECHO, EventLoopFloor, blocking_roundtrip, echo_worker, machine, table
+from common import ECHO, EventLoopFloor, blocking_roundtrip, echo_worker, machine, names_of, table
 
 from shardpool import Payload, Pool, pool_config
 from shardpool.argtypes import positive_int
@@ -130,17 +130,6 @@ def _count(api: str, jobs: int, workers: int, concurrency: int, depth: str) -> i
 APIS = ("exec", "submit", "worker", "blocking", "floor")
 
 
-def apis(text: str) -> list[str]:
-    """``exec,submit`` -> the paths to count, each one of :data:`APIS`."""
-    found = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [part for part in found if part not in APIS]
-    if unknown or not found:
-        raise argparse.ArgumentTypeError(
-            f"expected some of {', '.join(APIS)}, comma-separated; got {text!r}"
-        )
-    return found
-
-
 def job_counts(text: str) -> tuple[int, int]:
     """``2000,12000`` -> the two job counts, the first the smaller."""
     try:
@@ -163,7 +152,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--api",
-        type=apis,
+        type=names_of(APIS),
         default=["exec", "submit"],
         help="exec (awaiting callers), submit (callbacks), worker (Worker.exec, one at a "
         "time); references, one at a time with no shardpool code: blocking (os.write and "
