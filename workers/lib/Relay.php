@@ -78,7 +78,9 @@ abstract class StreamRelay implements Relay
         }
         // Small frame: one read for options and payload together.
         $data = $this->read(4 * $count + $length);
-        return new Frame(\substr($data, 4 * $count), \array_values(\unpack("V$count", $data)), $flags, $byte10);
+        // One option (a job's context length) is the usual case: no format string to build.
+        $options = $count === 1 ? [\unpack('V', $data)[1]] : \array_values(\unpack("V$count", $data));
+        return new Frame(\substr($data, 4 * $count), $options, $flags, $byte10);
     }
 
     public function hasFrame(): bool
