@@ -117,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--pin-shards",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="run each shard and its PHP workers on CPUs of their own (see docs/pool.md)",
+        help="run each shard and its PHP workers on CPUs of their own, or not (default: "
+        "auto, where a hand-over across CPUs costs much more than one on a CPU; "
+        "see docs/pool.md)",
     )
     serve.add_argument(
         "--metrics",

@@ -188,9 +188,10 @@ class ServeConfig(_Base):
     prefetch: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 128
     # Pin each shard serve starts, with its PHP workers, to its own CPU(s), so a
     # shard and its workers hand jobs to each other on one CPU: cheap where waking
-    # another CPU is dear (virtual machines). Off by default: pinned, the kernel
-    # can no longer move a busy shard's workers to an idle CPU (docs/pool.md).
-    pin_shards: bool = False
+    # another CPU is dear (virtual machines). "auto": serve measures a hand-over
+    # across CPUs and on one, and pins only where crossing is dear; false leaves
+    # the kernel free to move a busy shard's workers to an idle CPU (docs/pool.md).
+    pin_shards: bool | Literal["auto"] = "auto"
     max_queue_size: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     max_payload_size: Annotated[int, msgspec.Meta(ge=1)] = 64 * 1024 * 1024
     client_hwm: Annotated[int, msgspec.Meta(ge=1)] = 10_000  # replies queued per slow client

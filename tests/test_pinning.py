@@ -1,4 +1,5 @@
-"""serve --pin-shards: each shard, its threads and its PHP workers on CPUs of their own."""
+"""serve --pin-shards: each shard, its threads and its PHP workers on CPUs of their own;
+and pin_shards: auto, which pins only where a hand-over across CPUs is dear."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -17,6 +19,7 @@ from conftest import ROOT, Service, shard_processes
 
 from shardpool.argtypes import cpu_list
 from shardpool.broker.local import cpu_groups
+from shardpool.broker.placement import Handover, decide, measure_handover
 from shardpool.client import Client
 
 ALLOWED = sorted(os.sched_getaffinity(0))
@@ -133,3 +136,103 @@ def test_a_pinned_shard_and_replaced_worker_come_back_on_the_same_cpus(pinned: S
     threads = _affinity(back)
     assert len(threads) >= 3 and php.pid not in threads
     assert set(map(tuple, threads.values())) == {tuple(cpus)}
+
+
+# -- pin_shards: auto (the default) -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("same_us", "cross_us", "dear"),
+    [
+        (2.6, 62.0, True),  # a VM whose idle CPUs halt: the project's test machine
+        (3.0, 8.0, False),  # bare metal: crossing costs little more
+        (1.0, 5.0, False),  # five times, but 4 µs more: too little to pay
+        (3.0, 14.0, True),  # over four times and 11 µs more: both bars
+    ],
+)
+def test_auto_pins_only_where_crossing_cpus_is_dear(
+    same_us: float, cross_us: float, dear: bool
+) -> None:
+    assert Handover(same_us * 1e-6, cross_us * 1e-6).dear is dear
+
+
+@pytest.mark.parametrize("setting", [True, False, "auto"])
+@pytest.mark.parametrize(("count", "allowed"), [(1, [0, 1]), (2, [0]), (0, [0, 1])])
+def test_one_shard_or_one_cpu_is_never_pinned_nor_probed(
+    setting: bool | str, count: int, allowed: list[int]
+) -> None:
+    placement = decide(setting, count, allowed)  # type: ignore[arg-type]
+    assert placement.pinned is False and placement.handover is None
+    assert "nothing to pin" in placement.describe()
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_a_configured_placement_is_taken_as_given_without_probing(setting: bool) -> None:
+    placement = decide(setting, 2, [0, 1])
+    assert placement.pinned is setting and placement.handover is None
+    assert placement.figures() == {"pin_shards": setting, "pinned": setting}
+
+
+needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs two CPUs to cross")
+
+
+@needs_two_cpus
+def test_the_probe_measures_both_hand_overs_and_gives_the_thread_its_cpus_back() -> None:
+    os.sched_setaffinity(0, ALLOWED[:2])
+    try:
+        handover = measure_handover(ALLOWED)
+        assert sorted(os.sched_getaffinity(0)) == ALLOWED[:2]
+    finally:
+        os.sched_setaffinity(0, ALLOWED)
+    assert 0 < handover.same_cpu < 0.01 and 0 < handover.cross_cpu < 0.01
+    assert handover.describe().startswith("a hand-over between two processes took ")
+
+
+def _placement_of(svc: Service) -> dict[str, Any]:
+    with Client(svc.address, timeout=10) as client:
+        assert [r.body for r in client.map([b"z"] * 50)] == [b"z"] * 50
+        placement: dict[str, Any] = client.stats()["placement"]
+    return placement
+
+
+@needs_two_cpus
+def test_by_default_serve_measures_and_places_its_shards_as_it_says(tmp_path: Path) -> None:
+    svc = Service(tmp_path, "--shards", "2", "--workers", "1", "--log-level", "info")
+    try:
+        placement = _placement_of(svc)
+        assert placement["pin_shards"] == "auto"
+        assert placement["same_cpu_us"] > 0 and placement["cross_cpu_us"] > 0
+        shards = _shards_by_name()
+        if placement["pinned"]:
+            assert "shards pinned (pin_shards: auto); a hand-over" in svc.output()
+            expected = [tuple(g) for g in cpu_groups(2, ALLOWED)]
+        else:
+            assert "shards not pinned (pin_shards: auto); a hand-over" in svc.output()
+            expected = [tuple(ALLOWED)] * 2
+        for i, name in enumerate(("shard-0", "shard-1")):
+            threads = _affinity(shards[name])
+            assert len(threads) >= 3  # the shard, its ZeroMQ I/O thread, its PHP worker
+            assert set(map(tuple, threads.values())) == {expected[i]}, (name, threads)
+        assert sorted(os.sched_getaffinity(svc.proc.pid)) == ALLOWED  # the probe gave it back
+    finally:
+        svc.stop()
+        psutil.wait_procs(shard_processes(), timeout=10)
+
+
+def test_no_pin_shards_leaves_placement_to_the_kernel_without_probing(tmp_path: Path) -> None:
+    svc = Service(tmp_path, "--shards", "2", "--workers", "1", "--no-pin-shards")
+    try:
+        assert _placement_of(svc) == {"pin_shards": False, "pinned": False}
+        for proc in _shards_by_name().values():
+            assert set(map(tuple, _affinity(proc).values())) == {tuple(ALLOWED)}
+    finally:
+        svc.stop()
+        psutil.wait_procs(shard_processes(), timeout=10)
+
+
+def test_a_bad_pin_shards_setting_is_refused_naming_it(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "shardpool", "serve", "-o", "pin_shards=maybe"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert done.returncode != 0
+    assert "pin_shards" in done.stderr and "maybe" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -30,6 +30,7 @@ from shardpool import curve, wire
 from shardpool.broker.control import ControlDesk
 from shardpool.broker.local import BOOT_FAILURES_LIMIT, LocalShard, cpu_groups
 from shardpool.broker.metrics import SNAPSHOT_INTERVAL, JobFigures, MetricsServer, figures
+from shardpool.broker.placement import Placement, decide
 from shardpool.config import ServeConfig
 from shardpool.errors import (
     BadRequestError,
@@ -122,6 +123,7 @@ class Broker:
         self.control = ControlDesk(self)
         self.jobs = JobFigures()
         self.metrics: MetricsServer | None = None
+        self.placement = Placement(config.pin_shards, False, "no shards started yet")
         self._next_snapshot = 0.0
         self.stats = {
             "bad_messages": 0,
@@ -200,8 +202,11 @@ class Broker:
             self.metrics = MetricsServer(self.config.metrics)
 
     def start_local_shards(self, count: int) -> None:
-        pin = self.config.pin_shards
-        groups = cpu_groups(count, list(os.sched_getaffinity(0))) if pin else []
+        allowed = sorted(os.sched_getaffinity(0))
+        self.placement = decide(self.config.pin_shards, count, allowed)
+        if count:
+            log.info("broker: %s", self.placement.describe())
+        groups = cpu_groups(count, allowed) if self.placement.pinned else []
         for i in range(count):
             shard = LocalShard(
                 f"shard-{i}",

@@ -97,6 +97,7 @@ def figures(broker: Broker) -> dict[str, Any]:
         "queue": len(broker.queue),
         "refused_peers": broker.refused_peers,
         "shard_restarts": sum(local.restarts for local in broker.local.values()),
+        "placement": broker.placement.figures(),
         "shards": {
             s.name: {
                 "in_flight": len(s.in_flight),
