@@ -7,7 +7,8 @@ of the same rounds.
 
 - **wake-up**: two Python processes hand one byte back and forth over pipes,
   on one CPU, then on two: what a context switch costs, against a wake-up
-  of another CPU. The gap decides whether pinning pays.
+  of another CPU. The gap decides whether pinning pays; serve measures it
+  the same way (``pin_shards: auto``).
 - **in-process Pool**: ``shardpool.Pool`` of 2 workers in this process,
   driven by coroutines as ``shardpool bench`` does (the baseline).
 - **bare topology**: client -> broker -> 2 shards x 1 PHP worker over ZeroMQ
@@ -15,7 +16,8 @@ of the same rounds.
   deadlines or bookkeeping; one message carries many jobs, and a shard holds
   up to ``--credit`` jobs. What the processes and hops cost by themselves.
 - **serve**: ``shardpool serve --shards 2 --workers 1`` driven by one
-  AsyncClient, as shipped and with ``--pin-shards``.
+  AsyncClient: ``--no-pin-shards``, ``--pin-shards``, and as shipped
+  (``auto``, which measures and decides).
 
     .venv/bin/python bench/topology_bench.py [--repeat 3] [--duration 3] [--concurrency 256]
 """
@@ -38,51 +40,14 @@ from common import ECHO, OUT, echo_worker, machine, table
 
 from shardpool.benchmark.baselines import measure_pool
 from shardpool.benchmark.service import inspect_service, measure_service
+from shardpool.broker.placement import measure_handover
 from shardpool.embedded import EmbeddedService
 from shardpool.protocol import FrameDecoder, encode_job
 
 BODY = b"x" * 16
 WORKERS = 2
-WAKE_ROUND_TRIPS = 20_000
 _enc = msgspec.msgpack.Encoder().encode
 _dec = msgspec.msgpack.Decoder().decode
-
-
-# -- wake-up: a pipe ping-pong between two processes ---------------------------------
-
-
-def _pong() -> None:
-    """Role ``pong``: answer every byte on stdin with a byte on stdout."""
-    while os.read(0, 1):
-        os.write(1, b"x")
-
-
-def wake_round_trip(cpus: tuple[int, int]) -> float:
-    """Microseconds per round trip, this process on ``cpus[0]``, its peer on ``cpus[1]``."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpus[0]})
-    peer = subprocess.Popen(
-        [sys.executable, __file__, "--role", "pong"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        bufsize=0,
-    )
-    try:
-        os.sched_setaffinity(peer.pid, {cpus[1]})
-        assert peer.stdin is not None and peer.stdout is not None
-        wfd, rfd = peer.stdin.fileno(), peer.stdout.fileno()
-        for _ in range(1000):  # warm up
-            os.write(wfd, b"x")
-            os.read(rfd, 1)
-        start = time.perf_counter()
-        for _ in range(WAKE_ROUND_TRIPS):
-            os.write(wfd, b"x")
-            os.read(rfd, 1)
-        return (time.perf_counter() - start) / WAKE_ROUND_TRIPS * 1e6
-    finally:
-        peer.kill()
-        peer.wait()
-        os.sched_setaffinity(0, before)
 
 
 # -- the bare topology ------------------------------------------------------------------
@@ -245,17 +210,18 @@ def main() -> None:
     print(machine(), flush=True)
     c, d = args.concurrency, args.duration
     if len(os.sched_getaffinity(0)) >= 2:
-        first, second = sorted(os.sched_getaffinity(0))[:2]
-        one, two = wake_round_trip((first, first)), wake_round_trip((first, second))
-        print(f"wake-up: a pipe round trip between two processes takes {one:.1f} µs on one CPU,")
-        print(f"         {two:.1f} µs across two ({two / one:.0f}x)", flush=True)
+        handover = measure_handover(sorted(os.sched_getaffinity(0)))  # serve's own probe
+        ratio = handover.cross_cpu / handover.same_cpu
+        print(f"wake-up: {handover.describe()} ({ratio:.0f}x);", flush=True)
+        print(f"         serve's pin_shards: auto pins here: {'yes' if handover.dear else 'no'}")
     rows: dict[str, Callable[[], float]] = {
         "in-process Pool, 2 PHP": lambda: pool(c, d),
         f"bare topology, 2 shards × 1 PHP, credit {args.credit}": lambda: bare_topology(
             c, d, args.credit
         ),
-        "serve 2 shards × 1 PHP": lambda: serve(c, d),
+        "serve 2 shards × 1 PHP, not pinned": lambda: serve(c, d, "--no-pin-shards"),
         "serve 2 shards × 1 PHP, pinned": lambda: serve(c, d, "--pin-shards"),
+        "serve 2 shards × 1 PHP, as shipped (auto)": lambda: serve(c, d),
     }
     got: dict[str, list[float]] = {name: [] for name in rows}
     for round_ in range(args.repeat):
@@ -276,9 +242,7 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--role"]:
         role, rest = sys.argv[2], sys.argv[3:]
-        if role == "pong":
-            _pong()
-        elif role == "shard":
+        if role == "shard":
             _bare_shard(rest[0], int(rest[1]))
         elif role == "broker":
             _bare_broker(rest[0], rest[1], int(rest[2]))

@@ -141,24 +141,32 @@ def test_busy_poll_setting_reaches_the_service_and_the_pool_baseline(
     assert all(c["jobs"] > 0 for c in doc["configurations"])
 
 
-def test_pin_shards_runs_the_service_pinned_and_says_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flag", "setting"), [("--pin-shards", True), ("--no-pin-shards", False), (None, "auto")]
+)
+def test_the_service_is_placed_as_asked_and_its_label_says_how_it_ran(
+    tmp_path: Path, flag: str | None, setting: bool | str
+) -> None:
     out = tmp_path / "bench.json"
     result = bench(
         "--quick", "--duration", "0.2", "--concurrency", "16", "--shards", "1,2",
-        "--workers", "1", "--pin-shards", "--json", str(out),
+        "--workers", "1", *([flag] if flag else []), "--json", str(out),
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr  # serve took --pin-shards
+    assert result.returncode == 0, result.stderr  # serve took the flag
     doc = json.loads(out.read_text())
-    assert doc["settings"]["pin_shards"] is True
-    # one shard keeps every CPU: only the 2-shard rows run pinned
-    got = {(c["shards"], c["pinned"], c["label"]) for c in doc["configurations"]}
-    assert got == {
-        (1, False, "serve 1 shard × 1 PHP"),
-        (2, True, "serve 2 shards × 1 PHP, pinned"),
-    }
+    assert doc["settings"]["pin_shards"] == setting
     assert all(c["jobs"] > 0 for c in doc["configurations"])
+    got = {c["shards"]: (c["pinned"], c["label"]) for c in doc["configurations"]}
+    # one shard keeps every CPU: never pinned, whatever the setting
+    assert got[1] == (False, "serve 1 shard × 1 PHP")
+    pinned, label = got[2]
+    if setting == "auto":  # serve measured and chose; the row says what it chose
+        assert isinstance(pinned, bool)
+    else:
+        assert pinned is setting
+    assert label == "serve 2 shards × 1 PHP" + (", pinned" if pinned else "")
     rows = {r["configuration"] for r in table_rows(result.stdout)}
-    assert "serve 2 shards × 1 PHP, pinned" in rows
+    assert label in rows
 
 
 def test_a_server_that_stops_answering_fails_the_run_in_bounded_time(
@@ -224,6 +232,7 @@ def test_connect_measures_a_running_server(tmp_path: Path) -> None:
         ["--busy-poll", "1s"],
         ["--connect", "tcp://127.0.0.1:1", "--busy-poll", "0"],
         ["--connect", "tcp://127.0.0.1:1", "--pin-shards"],
+        ["--connect", "tcp://127.0.0.1:1", "--no-pin-shards"],
     ],
 )
 def test_bad_arguments_give_a_one_line_error(args: list[str]) -> None:

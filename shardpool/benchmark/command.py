@@ -52,9 +52,10 @@ Each configuration is measured once: on a busy machine, run it twice.
 in each PHP worker's pipe (default 1: RoadRunner's dispatch); several depths
 are measured side by side. --busy-poll sets the pools' busy polling (default
 50us, 0: off; see docs/pool.md) for the service and the in-process pool.
---pin-shards runs the service with each shard and its PHP workers on CPUs of
-their own (serve --pin-shards): on virtual machines, where waking another
-CPU is dear, it is often much faster.
+The service places its shards as serve does by default (pin_shards: auto):
+each shard and its PHP workers on CPUs of their own where a hand-over across
+CPUs costs much more than one on a CPU (virtual machines), and the label says
+", pinned" when it did. --pin-shards or --no-pin-shards decides instead.
 
 --connect measures a running server instead (its own shards and workers;
 the baselines get as many PHP workers); the CPU columns are filled only
@@ -206,9 +207,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add(
         "--pin-shards",
-        action="store_true",
-        help="run the service as serve --pin-shards: each shard and its PHP workers on "
-        "CPUs of their own",
+        action=argparse.BooleanOptionalAction,
+        help="run the service as serve --pin-shards (each shard and its PHP workers on "
+        "CPUs of their own) or --no-pin-shards (default: serve's own choice, auto)",
     )
     add("--duration", type=seconds, metavar="SECONDS", help="per measured run (default 4)")
     add("--worker", type=php_script, metavar="SCRIPT", help="a PHP worker that echoes its job")
@@ -228,7 +229,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         or args.workers
         or args.pipeline_depth
         or args.busy_poll is not None
-        or args.pin_shards
+        or args.pin_shards is not None
     ):
         parser.error(
             "--shards, --workers, --pipeline-depth, --busy-poll and --pin-shards set up the "

@@ -11,6 +11,7 @@ kept.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,7 +59,8 @@ class Step:
     shards: int = 0  # service only
     address: str = ""  # service with --connect only
     depth: str = "1"  # pipeline depth of the pool and the service: "1".."64" or "auto"
-    pinned: bool = False  # service only: serve --pin-shards
+    pin: bool | None = None  # service only: serve --[no-]pin-shards (None: its default, auto)
+    pinned: bool = False  # service only: whether its shards ran pinned (known once started)
 
     @property
     def label(self) -> str:
@@ -80,10 +82,10 @@ class Step:
         return f"{self.label}, {self.concurrency} in flight, {size_label(self.size)}"
 
     @property
-    def service_key(self) -> tuple[int, int, str, bool] | None:
+    def service_key(self) -> tuple[int, int, str, bool | None] | None:
         if self.kind is not Kind.SERVICE or self.address:
             return None
-        return self.shards, self.workers // self.shards, self.depth, self.pinned
+        return self.shards, self.workers // self.shards, self.depth, self.pin
 
 
 @dataclass
@@ -100,7 +102,7 @@ class Settings:
     connect: str | None = None
     depths: list[str] = field(default_factory=lambda: ["1"])  # pipeline depths
     busy_poll: float | None = None  # the pools' busy_poll (None: their default)
-    pin_shards: bool = False  # serve --pin-shards for the embedded service
+    pin_shards: bool | None = None  # serve --[no-]pin-shards for the embedded service
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
@@ -114,7 +116,7 @@ class Settings:
             "concurrency": self.concurrency,
             "pipeline_depths": self.depths,
             "busy_poll": self.busy_poll,
-            "pin_shards": self.pin_shards,
+            "pin_shards": "auto" if self.pin_shards is None else self.pin_shards,
             "duration": self.duration,
             "warmup": self.warmup,
             "per_job_duration": self.per_job_duration,
@@ -142,11 +144,13 @@ def plan(settings: Settings, server: ServiceInfo | None = None) -> list[Step]:
                 ]
     for depth in depths:
         for shards, total, address in targets:
+            pin = None if address else settings.pin_shards
             # One shard keeps every CPU: pinned or not, it runs the same.
-            pin = settings.pin_shards and shards > 1 and not address
+            pinned = pin is True and shards > 1
             for size in settings.sizes:
                 for c in settings.concurrency:
-                    steps.append(Step(Kind.SERVICE, size, c, total, shards, address, depth, pin))
+                    step = Step(Kind.SERVICE, size, c, total, shards, address, depth, pin, pinned)
+                    steps.append(step)
     return steps
 
 
@@ -203,7 +207,7 @@ class Runner:
         self.server = server
         self.results: list[Result] = []
         self._service: EmbeddedService | None = None
-        self._service_key: tuple[int, int, str, bool] | None = None
+        self._service_key: tuple[int, int, str, bool | None] | None = None
         self._info: ServiceInfo | None = server
 
     def run(self, steps: list[Step], progress: Progress) -> None:
@@ -212,6 +216,8 @@ class Runner:
             for i, step in enumerate(steps):
                 progress(i, len(steps), step)
                 sample, cpu = self._measure(step)
+                if step.kind is Kind.SERVICE and self._info is not None:
+                    step = dataclasses.replace(step, pinned=self._info.pinned)
                 self.results.append(Result.of(step, sample, cpu))
         finally:
             self.close()
@@ -244,7 +250,7 @@ class Runner:
             return self._info
         if key != self._service_key or self._info is None:
             self.close()
-            shards, per_shard, depth, pinned = key
+            shards, per_shard, depth, pin = key
             service = EmbeddedService(
                 shards=shards,
                 workers=per_shard,
@@ -257,7 +263,7 @@ class Runner:
                         if self.settings.busy_poll is not None
                         else []
                     ),
-                    *(["--pin-shards"] if pinned else []),
+                    *([] if pin is None else ["--pin-shards" if pin else "--no-pin-shards"]),
                 ],
             )
             self._service, self._service_key = service, key

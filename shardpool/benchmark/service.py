@@ -46,6 +46,7 @@ class ServiceInfo:
     broker_pid: int | None = None
     shard_pids: list[int] = field(default_factory=list)
     curve: CurveKeys | None = None  # to connect to a server that uses CURVE
+    pinned: bool = False  # its shards run pinned (serve's placement, from stats)
 
     @property
     def local(self) -> bool:
@@ -134,7 +135,8 @@ def inspect_service(
     if broker_pid is None:
         broker_pid = listener_pid(address) or _parent_serve(shard_pids)
     shards = len(stats.get("shards") or {})
-    return ServiceInfo(address, total, shards, broker_pid, shard_pids, curve)
+    pinned = (stats.get("placement") or {}).get("pinned") is True
+    return ServiceInfo(address, total, shards, broker_pid, shard_pids, curve, pinned)
 
 
 async def measure_service(
