@@ -19,7 +19,7 @@ from conftest import ROOT, Service, shard_processes
 
 from shardpool.argtypes import cpu_list
 from shardpool.broker.local import cpu_groups
-from shardpool.broker.placement import Handover, decide, measure_handover
+from shardpool.broker.placement import Handover, decide, measure_handover, placement_for
 from shardpool.client import Client
 
 ALLOWED = sorted(os.sched_getaffinity(0))
@@ -161,16 +161,26 @@ def test_auto_pins_only_where_crossing_cpus_is_dear(
 def test_one_shard_or_one_cpu_is_never_pinned_nor_probed(
     setting: bool | str, count: int, allowed: list[int]
 ) -> None:
-    placement = decide(setting, count, allowed)  # type: ignore[arg-type]
+    placement = placement_for(setting, count, allowed)  # type: ignore[arg-type]
     assert placement.pinned is False and placement.handover is None
     assert "nothing to pin" in placement.describe()
 
 
 @pytest.mark.parametrize("setting", [True, False])
 def test_a_configured_placement_is_taken_as_given_without_probing(setting: bool) -> None:
-    placement = decide(setting, 2, [0, 1])
+    placement = placement_for(setting, 2, [0, 1])
     assert placement.pinned is setting and placement.handover is None
     assert placement.figures() == {"pin_shards": setting, "pinned": setting}
+
+
+@pytest.mark.parametrize("setting", [True, "auto"])
+def test_where_the_system_cannot_pin_nothing_is_pinned(
+    monkeypatch: pytest.MonkeyPatch, setting: bool | str
+) -> None:
+    monkeypatch.delattr(os, "sched_getaffinity")
+    placement, allowed = decide(setting, 2)  # type: ignore[arg-type]
+    assert placement.pinned is False and allowed == []
+    assert "cannot pin processes to CPUs" in placement.describe()
 
 
 needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs two CPUs to cross")

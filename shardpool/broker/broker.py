@@ -202,8 +202,7 @@ class Broker:
             self.metrics = MetricsServer(self.config.metrics)
 
     def start_local_shards(self, count: int) -> None:
-        allowed = sorted(os.sched_getaffinity(0))
-        self.placement = decide(self.config.pin_shards, count, allowed)
+        self.placement, allowed = decide(self.config.pin_shards, count)
         if count:
             log.info("broker: %s", self.placement.describe())
         groups = cpu_groups(count, allowed) if self.placement.pinned else []

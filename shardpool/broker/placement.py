@@ -127,8 +127,20 @@ def _trips(to_child: int, from_child: int, count: int, deadline: float) -> float
     return time.perf_counter() - start
 
 
-def decide(setting: bool | Literal["auto"], count: int, allowed: list[int]) -> Placement:
-    """Whether ``count`` shards serve starts run pinned, and why.
+def decide(setting: bool | Literal["auto"], count: int) -> tuple[Placement, list[int]]:
+    """Whether ``count`` shards serve starts run pinned, and the CPUs serve may use.
+
+    Where the system cannot pin (no ``sched_setaffinity``), nothing is pinned.
+    """
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is None:
+        return Placement(setting, False, "this system cannot pin processes to CPUs"), []
+    allowed = sorted(affinity(0))
+    return placement_for(setting, count, allowed), allowed
+
+
+def placement_for(setting: bool | Literal["auto"], count: int, allowed: list[int]) -> Placement:
+    """Whether ``count`` shards on the CPUs ``allowed`` run pinned, and why.
 
     Only two or more shards on two or more CPUs are ever pinned (one shard
     keeps every CPU, and on one CPU there is nowhere else to run). ``true``
