@@ -3,10 +3,10 @@
 A shard and its PHP worker hand every job back and forth over a pipe. On one
 CPU each hand-over is a context switch; across two it wakes the other CPU,
 which on many virtual machines costs tens of microseconds (an idle virtual
-CPU halts, and an interrupt to another one exits to the hypervisor). There,
-pinned shards run their jobs several times cheaper, and left to itself the
-kernel keeps pairing and unpairing each shard and its worker, so the
-service's throughput swings with it. Where a hand-over across CPUs costs
+CPU halts, and an interrupt to another one exits to the hypervisor). There
+a pinned shard hands jobs to its worker many times cheaper, while left to
+itself the kernel keeps pairing and parting each shard and its worker, and
+the service's throughput swings with it. Where a hand-over across CPUs costs
 little more, pinning gains little and only takes the kernel's freedom to
 move a busy shard's workers to an idle CPU.
 
@@ -18,7 +18,6 @@ tens of milliseconds.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import statistics
@@ -27,8 +26,6 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
-
-log = logging.getLogger("shardpool.broker")
 
 #: ``auto`` pins when a round trip across CPUs takes at least DEAR_RATIO times
 #: one on a single CPU, and at least DEAR_EXTRA seconds more.
