@@ -160,6 +160,7 @@ def test_metrics_count_the_jobs_sent(tmp_path: Path) -> None:
         ok_jobs + failing
     )
     assert samples[("shardpool_queue_length", ())] == 0
+    assert samples[("shardpool_shards_pinned", ())] == (1 if stats["placement"]["pinned"] else 0)
     workers = sum(v for (name, _), v in samples.items() if name == "shardpool_workers")
     assert workers == 2
     memory = {dict(labels)["pid"] for (name, labels), _ in samples.items() if "memory" in name}

@@ -139,6 +139,11 @@ class _Exporter(Collector):
             "shardpool_queue_length", "Jobs waiting in the broker for a shard", value=snap["queue"]
         )
         yield from _shard_metrics(snap["shards"])
+        yield GaugeMetricFamily(
+            "shardpool_shards_pinned",
+            "1 if the shards serve started run on CPUs of their own (pin_shards), else 0",
+            value=1 if snap["placement"]["pinned"] else 0,
+        )
         yield CounterMetricFamily(
             "shardpool_shard_restarts", "Local shards restarted", value=snap["shard_restarts"]
         )
