@@ -111,10 +111,26 @@ class LoadClient(threading.Thread):
         return len(self.terminal)
 
     def wait_answered(self, count: int, timeout: float = 10.0) -> None:
-        """Block until this client has ``count`` terminal replies (bounded)."""
+        """Block until this client has ``count`` terminal replies (bounded).
+
+        A failure says whether this client's own thread failed, or how long
+        its oldest unanswered jobs have waited, and of which kind they are.
+        """
         with self.progress:
-            assert self.progress.wait_for(lambda: len(self.terminal) >= count, timeout), (
-                f"{self.label}: only {len(self.terminal)} of {count} answered in {timeout}s"
+            done = self.progress.wait_for(
+                lambda: len(self.terminal) >= count or self.error is not None, timeout
+            )
+        if self.error is not None:
+            raise AssertionError(f"{self.label}: the load client failed") from self.error
+        if not done:
+            now = time.monotonic()
+            waiting = sorted(self.outstanding(), key=lambda rid: self.sent[rid].at)[:5]
+            oldest = ", ".join(
+                f"#{rid} {self.sent[rid].kind} {now - self.sent[rid].at:.1f} s" for rid in waiting
+            )
+            raise AssertionError(
+                f"{self.label}: only {len(self.terminal)} of {count} answered in {timeout}s; "
+                f"{len(self.outstanding())} unanswered, oldest: {oldest}"
             )
 
     def stop_sending(self, drain: float = 15.0) -> None:
@@ -139,8 +155,10 @@ class LoadClient(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
-        except BaseException as exc:  # reported by finish()
-            self.error = exc
+        except BaseException as exc:  # reported by finish() and wait_answered()
+            with self.progress:
+                self.error = exc
+                self.progress.notify_all()
 
     def _run(self) -> None:
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
