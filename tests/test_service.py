@@ -419,6 +419,38 @@ def test_shard_stopped_under_load_hands_its_held_jobs_to_another(tmp_path: Path)
         assert svc.stop() == 0
 
 
+def test_shards_that_handed_back_all_they_held_still_get_jobs(tmp_path: Path) -> None:
+    # Both shards hold jobs while their only worker is starting again (0.5 s), so
+    # both hand every held job back. A shard with nothing in flight must still
+    # get jobs, few at first: nothing else would ever tell the broker it moves.
+    slow_boot = tmp_path / "slow-boot"
+    svc = Service(
+        tmp_path, "--shards", "2", "--workers", "1", "--worker", COMMANDS,
+        "-o", f"pool.env.SHARDPOOL_SLOW_BOOT_FILE={slow_boot}",
+    )  # fmt: skip
+    try:
+        with Client(svc.address, timeout=10) as client:
+            assert [r.body for r in client.map([b"echo:w"] * 200)] == [b"w"] * 200
+        workers = [child for shard in shard_processes() for child in shard.children()]
+        assert len(workers) == 2
+        slow_boot.touch()
+        for php in workers:
+            php.kill()  # idle: no job of theirs is lost, and their replacements start slowly
+        psutil.wait_procs(workers, timeout=10)
+        bodies = [f"echo:{i}".encode() for i in range(400)]
+        started = time.monotonic()
+        with Client(svc.address, timeout=20) as client:
+            replies = [r.body for r in client.map(bodies, window=400)]
+            took = time.monotonic() - started
+            stats = client.stats()
+        assert replies == [b[5:] for b in bodies]
+        assert stats["jobs_returned"] > 0  # the shards did hand their held jobs back
+        assert took < 5, took  # a worker's start and the jobs, not a deadline
+    finally:
+        svc.stop()
+        psutil.wait_procs(shard_processes(), timeout=10)
+
+
 def test_a_shard_that_says_hello_hears_back_at_once(tmp_path: Path) -> None:
     # A reconnecting shard that hears nothing soon after its hello reconnects
     # again, and its second hello fails the jobs sent to it in between: the

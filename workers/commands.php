@@ -9,6 +9,7 @@
 //   log:N       write N lines to STDERR, then reply "logged"
 //   anything else: echo the job (body and context)
 // stream:N honours context "ping" and SHARDPOOL_CHUNK_DELAY_MS like stream.php.
+// While the file SHARDPOOL_SLOW_BOOT_FILE names exists, a worker takes 0.5 s to start.
 
 declare(strict_types=1);
 
@@ -19,6 +20,11 @@ require __DIR__ . '/lib/bootstrap.php';
 
 $leak = [];
 $delayMs = (int) \getenv('SHARDPOOL_CHUNK_DELAY_MS');
+
+$slowBoot = (string) \getenv('SHARDPOOL_SLOW_BOOT_FILE');
+if ($slowBoot !== '' && \file_exists($slowBoot)) {
+    \usleep(500_000);
+}
 
 $worker = Worker::create();
 while ($job = $worker->waitPayload()) {

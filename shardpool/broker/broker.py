@@ -601,9 +601,16 @@ class Broker:
         if not queue:
             return
         # A shard gets a batch once a quarter of its credit is free (or the
-        # whole queue fits), not one job per freed slot.
+        # whole queue fits), not one job per freed slot; and a shard with no job
+        # in flight gets what its credit allows at once: a shard that handed all
+        # it held back has credit for only what it can start, and no reply would
+        # ever come to raise it.
         backlog = len(queue)
-        shards = [s for s in self.shards.values() if s.free >= min(backlog, s.batch_min)]
+        shards = [
+            s
+            for s in self.shards.values()
+            if s.free >= min(backlog, s.batch_min) or (not s.in_flight and s.free > 0)
+        ]
         if not shards:
             return
         now = time.monotonic()
