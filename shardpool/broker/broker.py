@@ -93,7 +93,10 @@ class ShardState:
 
     @property
     def batch_min(self) -> int:
-        return max(1, self.capacity // 4)
+        """A quarter of its credit: of its capacity, or of what it can start while
+        its credit is cut. A cut shard with nothing in flight still gets jobs, or
+        no reply would ever come to restore its credit."""
+        return max(1, self.limit // 4)
 
     @property
     def free(self) -> int:
@@ -601,16 +604,9 @@ class Broker:
         if not queue:
             return
         # A shard gets a batch once a quarter of its credit is free (or the
-        # whole queue fits), not one job per freed slot; and a shard with no job
-        # in flight gets what its credit allows at once: a shard that handed all
-        # it held back has credit for only what it can start, and no reply would
-        # ever come to raise it.
+        # whole queue fits), not one job per freed slot.
         backlog = len(queue)
-        shards = [
-            s
-            for s in self.shards.values()
-            if s.free >= min(backlog, s.batch_min) or (not s.in_flight and s.free > 0)
-        ]
+        shards = [s for s in self.shards.values() if s.free >= min(backlog, s.batch_min)]
         if not shards:
             return
         now = time.monotonic()
