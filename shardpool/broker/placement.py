@@ -171,7 +171,7 @@ class Placement:
 
     def describe(self) -> str:
         state = "pinned" if self.pinned else "not pinned"
-        return f"shards {state} (pin_shards: {_setting_text(self.setting)}); {self.reason}"
+        return f"shards {state} (pin_shards: {str(self.setting).lower()}); {self.reason}"
 
     def figures(self) -> dict[str, object]:
         out: dict[str, object] = {"pin_shards": self.setting, "pinned": self.pinned}
@@ -179,11 +179,3 @@ class Placement:
             out["same_cpu_us"] = round(self.handover.same_cpu * 1e6, 1)
             out["cross_cpu_us"] = round(self.handover.cross_cpu * 1e6, 1)
         return out
-
-
-def _setting_text(setting: bool | str) -> str:
-    if setting is True:
-        return "true"
-    if setting is False:
-        return "false"
-    return str(setting)
