@@ -60,7 +60,7 @@ class Step:
     address: str = ""  # service with --connect only
     depth: str = "1"  # pipeline depth of the pool and the service: "1".."64" or "auto"
     pin: bool | None = None  # service only: serve --[no-]pin-shards (None: its default, auto)
-    pinned: bool = False  # service only: whether its shards ran pinned (known once started)
+    pinned: bool = False  # service only: whether serve pinned its shards (from its stats)
 
     @property
     def label(self) -> str:
@@ -145,12 +145,9 @@ def plan(settings: Settings, server: ServiceInfo | None = None) -> list[Step]:
     for depth in depths:
         for shards, total, address in targets:
             pin = None if address else settings.pin_shards
-            # One shard keeps every CPU: pinned or not, it runs the same.
-            pinned = pin is True and shards > 1
             for size in settings.sizes:
                 for c in settings.concurrency:
-                    step = Step(Kind.SERVICE, size, c, total, shards, address, depth, pin, pinned)
-                    steps.append(step)
+                    steps.append(Step(Kind.SERVICE, size, c, total, shards, address, depth, pin))
     return steps
 
 
